@@ -1,0 +1,54 @@
+"""The verbs: quantize, evaluate, save, load."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitquant.calibration.data import CalibrationSet, data_config_for, load_calibration
+from vitquant.config import QuantConfig
+from vitquant.errors import VitquantError
+from vitquant.methods import get_method
+from vitquant.methods.steps import freeze
+from vitquant.models import QuantizedModel, prepare
+from vitquant.profiling import measure
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | str | None = None,
+    calib: Any = "bundled",
+    *,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Return a quantized copy of `model` (the float model is left untouched).
+
+    config: a QuantConfig, or a bits preset such as "w4a4" for the default method.
+    calib: a CalibrationSet, an image folder, a tensor of preprocessed images [N, C, H, W], a
+        DataLoader/Dataset of them, or "bundled" (MNIST-5k, for the bundled reference models).
+    """
+    if config is None:
+        config = QuantConfig()
+    elif isinstance(config, str):
+        config = QuantConfig.preset(config)
+    elif not isinstance(config, QuantConfig):
+        raise VitquantError(f"config must be a QuantConfig or a bits preset like 'w4a4', not {type(config).__name__}")
+    if isinstance(model, QuantizedModel):
+        raise VitquantError("this model is already quantized; pass the float model")
+    if not isinstance(calib, CalibrationSet):
+        calib = load_calibration(calib, data_config_for(model), n=config.calib_size, seed=config.seed)
+    qmodel = prepare(model, source=getattr(model, "vitquant_source", None))
+    method = get_method(config.method)()
+    torch.manual_seed(config.seed)
+    with measure() as m:
+        method.calibrate(qmodel, calib, config, progress=progress)
+        freeze(qmodel)
+    qmodel.config = config
+    qmodel.stats = {
+        "calibration_seconds": round(m.seconds, 3),
+        "calibration_peak_rss_mb": round(m.peak_rss_mb, 1),
+        "calibration_images": int(calib.images.shape[0]),
+        "calibration_source": calib.source,
+    }
+    return qmodel.eval()

@@ -1,0 +1,59 @@
+"""Streaming activation statistics with bounded memory.
+
+Each observer keeps the exact running min/max (per channel) and a uniform random sample of rows
+(reservoir sampling by random keys: every row of the stream is equally likely to be kept). Range
+rules (percentile, MSE search) run on the sample; min-max uses the exact extremes. With the papers'
+32 calibration images the sample is usually the whole stream, so results are exact; with thousands of
+images memory stays at `max_elements` floats per site instead of growing with the data.
+"""
+from __future__ import annotations
+
+import torch
+
+from vitquant.quantizers.ranges import channels_last_2d
+
+DEFAULT_MAX_ELEMENTS = 2**21  # 8 MiB of float32 per observed site
+
+
+class ReservoirObserver:
+    def __init__(self, channel_axis: int | None = -1, max_elements: int = DEFAULT_MAX_ELEMENTS, seed: int = 0):
+        # rows are kept along channel_axis so a channel-wise quantizer can be fitted from the same sample
+        self.channel_axis = channel_axis
+        self.max_elements = max_elements
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+        self.count = 0  # rows seen
+        self.shape: tuple[int, ...] | None = None  # shape of the last observed tensor (without batch)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        self.shape = tuple(x.shape[1:])
+        rows = channels_last_2d(x, self.channel_axis if self.channel_axis is not None else x.dim() - 1).cpu()
+        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        self.count += rows.shape[0]
+        keys = torch.rand(rows.shape[0], generator=self.generator)
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        cap = max(1, self.max_elements // rows.shape[1])
+        if rows.shape[0] > cap:
+            keep = keys.topk(cap).indices
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = rows, keys
+
+    @property
+    def empty(self) -> bool:
+        return self.rows is None
+
+    def sample(self) -> torch.Tensor:
+        """[rows, C] sample (C = size of the channel axis)."""
+        if self.rows is None:
+            raise RuntimeError("observer saw no data: the calibration forward never reached this site")
+        return self.rows
+
+    def tensor_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo.min(), self.hi.max()

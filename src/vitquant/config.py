@@ -1,0 +1,94 @@
+"""Typed, validated, JSON-serializable quantization configs.
+
+`QuantConfig` is all a user states: which method, how many bits for weights and activations, and the
+method's own options (validated by the method's options dataclass, see `vitquant.methods`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitquant.errors import VitquantError
+
+CONFIG_VERSION = 1
+MIN_BITS, MAX_BITS = 2, 8
+_PRESET = re.compile(r"^w(\d+)a(\d+)$")
+
+
+def parse_bits(preset: str) -> tuple[int, int]:
+    """'w4a4' -> (4, 4). Raises VitquantError naming the accepted form."""
+    m = _PRESET.match(preset.strip().lower())
+    if not m:
+        raise VitquantError(f"bits preset {preset!r} is not of the form 'wXaY' (e.g. w8a8, w4a4, w4a8)")
+    w, a = int(m.group(1)), int(m.group(2))
+    for kind, b in (("weight", w), ("activation", a)):
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise VitquantError(
+                f"bits preset {preset!r}: {kind} bits must be between {MIN_BITS} and {MAX_BITS}, got {b}"
+            )
+    return w, a
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    method: a registered method name (`vitquant list` shows them).
+    w_bits / a_bits: bits of Linear/Conv weights and of matmul inputs (the papers' "WxAy").
+    patch_embed_input_bits: bits of the image fed to the patch-embedding conv (8 as RepQ-ViT does;
+        None keeps it float, as PTQ4ViT does).
+    calib_size: number of calibration images used (the papers use 32).
+    seed: picks the calibration images and seeds any randomness in a method.
+    options: method-specific options, validated by the method.
+    """
+
+    method: str = "repq-vit"
+    w_bits: int = 8
+    a_bits: int = 8
+    patch_embed_input_bits: int | None = 8
+    calib_size: int = 32
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            b = getattr(self, name)
+            if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+                raise VitquantError(f"{name} must be an integer between {MIN_BITS} and {MAX_BITS}, got {b!r}")
+        b = self.patch_embed_input_bits
+        if b is not None and (not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS):
+            raise VitquantError(f"patch_embed_input_bits must be None or {MIN_BITS}..{MAX_BITS}, got {b!r}")
+        if not isinstance(self.calib_size, int) or self.calib_size < 1:
+            raise VitquantError(f"calib_size must be a positive integer, got {self.calib_size!r}")
+        if self.version != CONFIG_VERSION:
+            raise VitquantError(f"config version {self.version} is not supported (this vitquant reads {CONFIG_VERSION})")
+        from vitquant.methods import get_method  # late: methods import config
+
+        self.options = get_method(self.method).validate_options(self.options)
+
+    @classmethod
+    def preset(cls, bits: str, method: str = "repq-vit", **kwargs: Any) -> "QuantConfig":
+        w, a = parse_bits(bits)
+        return cls(method=method, w_bits=w, a_bits=a, **kwargs)
+
+    @property
+    def bits_name(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise VitquantError(f"unknown quantization config keys: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,38 @@
+"""Quantization methods: one file each, registered by name here.
+
+Adding a method = writing `methods/<name>.py` with a `Method` subclass and adding one line below.
+"""
+from __future__ import annotations
+
+from vitquant.errors import VitquantError
+from vitquant.methods.base import Method
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in _METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise VitquantError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def available_methods() -> dict[str, type[Method]]:
+    return dict(sorted(_METHODS.items()))
+
+
+# -- the registry: one line per method ------------------------------------------------------------
+from vitquant.methods.minmax import MinMax  # noqa: E402
+from vitquant.methods.percentile import Percentile  # noqa: E402
+from vitquant.methods.repq_vit import RepQViT  # noqa: E402
+
+for _m in (MinMax, Percentile, RepQViT):
+    register_method(_m)
+
+__all__ = ["Method", "available_methods", "get_method", "register_method"]

@@ -1,0 +1,44 @@
+"""What a quantization method is: a name, its options, and a `calibrate` that fits every quantizer."""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from vitquant.errors import VitquantError
+
+if TYPE_CHECKING:
+    from vitquant.calibration.data import CalibrationSet
+    from vitquant.config import QuantConfig
+    from vitquant.models.quantized import QuantizedModel
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+class Method:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for `vitquant list`
+    Options: ClassVar[type] = NoOptions
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:
+        """Check user options against the method's Options dataclass; returns them with defaults filled."""
+        options = dict(options or {})
+        allowed = {f.name for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise VitquantError(
+                f"method {cls.name!r} has no option(s) {unknown}; its options are {sorted(allowed) or 'none'}"
+            )
+        try:
+            return dataclasses.asdict(cls.Options(**options))
+        except (TypeError, ValueError) as e:
+            raise VitquantError(f"method {cls.name!r}: invalid options {options}: {e}") from None
+
+    def options(self, config: "QuantConfig"):
+        return self.Options(**config.options)
+
+    def calibrate(self, qmodel: "QuantizedModel", calib: "CalibrationSet", config: "QuantConfig", progress: bool = True) -> None:
+        raise NotImplementedError

@@ -1,0 +1,85 @@
+"""`repq-vit`: RepQ-ViT, Li et al., "RepQ-ViT: Scale Reparameterization for Post-Training Quantization
+of Vision Transformers", ICCV 2023.
+
+Recipe:
+1. Weights: per-output-channel asymmetric uniform; range per channel picked by MSE among the
+   percentiles {0.999, 0.9999, 0.99999}.
+2. Activations (float model's statistics, 32 images): layer-wise asymmetric uniform with the same
+   percentile-MSE search; post-softmax with the log√2 quantizer; post-LayerNorm inputs (qkv, fc1)
+   channel-wise first.
+3. Scale reparameterization: each post-LayerNorm channel-wise quantizer (s_c, z_c) becomes one
+   layer-wise (s̃, z̃) = (mean s, mean z) with r = s/s̃ and b = (−z⊙s)/r + z̃·s̃ folded into the LayerNorm
+   affine and the next Linear (see reparam.py). Channel c's grid maps exactly onto the shared grid.
+4. Weight quantizers are re-fitted on the reparameterized weights.
+
+Deviations from the paper / official code (zkkli/RepQ-ViT):
+- z̃ is rounded to an integer so that the layer-wise quantizer is deployable with an integer zero point
+  (the code keeps the fractional mean); b is derived from the rounded z̃, so the mapping stays exact.
+- Calibration statistics come from the float model for every site ("parallel"); the official code
+  fits quantizers lazily during a forward where earlier layers are already quantized.
+- The log√2 → log2 inference reparameterization of the paper is not needed in simulation (the code does
+  not implement it either); export handles deployment of log√2 (see vitquant.export).
+Option `reparam_head` also reparameterizes the final norm → head input (off by default, as in the paper).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vitquant.calibration.engine import observe_float
+from vitquant.methods.base import Method
+from vitquant.methods.reparam import fold_channel_affine
+from vitquant.methods.steps import fit_activations, fit_weights
+from vitquant.quantizers import LogSqrt2Quantizer, RangeRule, UniformQuantizer
+
+PERCENTILE_MSE = RangeRule("mse", candidates=(0.999, 0.9999, 0.99999))
+
+
+@dataclass
+class RepQOptions:
+    reparam_head: bool = False
+    candidates: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+
+    def __post_init__(self) -> None:
+        self.candidates = tuple(float(c) for c in self.candidates)
+        RangeRule("mse", candidates=self.candidates)  # validates
+
+
+class RepQViT(Method):
+    name = "repq-vit"
+    summary = "RepQ-ViT (ICCV'23): post-LN channel-wise→layer-wise reparameterization, log√2 softmax"
+    Options = RepQOptions
+
+    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+        opts = self.options(config)
+        rule = RangeRule("mse", candidates=opts.candidates)
+        pairs = [p for p in qmodel.norm_pairs
+                 if opts.reparam_head or qmodel.submodule(p.linears[0]).input_site.role == "post_ln"]
+        channel_wise = {qmodel.submodule(p.linears[0]).input_site.name for p in pairs}
+
+        def plan(site, bits):
+            if site.role == "post_softmax":
+                return LogSqrt2Quantizer(bits), rule
+            return UniformQuantizer(bits, channel_axis=-1 if site.name in channel_wise else None), rule
+
+        fit_weights(qmodel, config.w_bits, rule)
+        observers = observe_float(qmodel, list(calib.batches()), seed=config.seed, progress=progress)
+        fit_activations(qmodel, observers, plan, config.a_bits, config.patch_embed_input_bits)
+        for pair in pairs:
+            self._reparameterize(qmodel, pair)
+        fit_weights(qmodel, config.w_bits, rule)  # the weights changed
+
+    @staticmethod
+    def _reparameterize(qmodel, pair) -> None:
+        linears = [qmodel.submodule(n) for n in pair.linears]
+        cw = linears[0].input_site.quantizer
+        s, z = cw.scale, cw.zero_point
+        s_t, z_t = s.mean(), torch.round(z.mean())
+        r = s / s_t
+        b = (-z * s) / r + z_t * s_t
+        fold_channel_affine(qmodel.submodule(pair.norm), linears, r, b)
+        for lin in linears:  # all consumers see the same tensor: one shared layer-wise grid
+            q = UniformQuantizer(cw.bits, name=lin.input_site.name)
+            q.set_params(s_t, z_t)
+            lin.input_site.quantizer = q

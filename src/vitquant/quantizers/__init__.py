@@ -1,0 +1,15 @@
+"""Quantizers: pure tensor math, fitted from a tensor or an observer's sample."""
+from vitquant.quantizers.base import Quantizer, quantizer_from_spec, register_quantizer
+from vitquant.quantizers.log import Log2Quantizer, LogSqrt2Quantizer
+from vitquant.quantizers.ranges import RangeRule
+from vitquant.quantizers.uniform import UniformQuantizer
+
+__all__ = [
+    "Log2Quantizer",
+    "LogSqrt2Quantizer",
+    "Quantizer",
+    "RangeRule",
+    "UniformQuantizer",
+    "quantizer_from_spec",
+    "register_quantizer",
+]

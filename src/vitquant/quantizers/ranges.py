@@ -1,0 +1,70 @@
+"""Range setting: which [lo, hi] a quantizer maps onto its grid.
+
+- minmax: the observed extremes.
+- percentile: the p and 1−p quantiles (clips rare outliers).
+- mse: several candidate ranges (percentiles, optionally a shrinking grid of the min-max range),
+  the one with the least quantization MSE wins, per channel (RepQ-ViT picks among percentiles
+  {0.999, 0.9999, 0.99999} this way).
+All work on a [rows, channels] view; per-tensor is a single channel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+RangeKind = Literal["minmax", "percentile", "mse"]
+# torch.quantile refuses inputs over 2^24 elements; above this we quantile a strided subsample
+_QUANTILE_LIMIT = 2**24
+
+
+@dataclass(frozen=True)
+class RangeRule:
+    kind: RangeKind = "minmax"
+    percentile: float = 0.9999  # used by kind="percentile"
+    candidates: tuple[float, ...] = (0.999, 0.9999, 0.99999)  # percentiles tried by kind="mse"
+    grid: int = 0  # kind="mse": also try the min-max range scaled by (1 - i/(2*grid)), i = 0..grid-1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"range rule kind must be minmax, percentile or mse, not {self.kind!r}")
+        for p in (self.percentile, *self.candidates):
+            if not 0.5 < p <= 1.0:
+                raise ValueError(f"percentiles must be in (0.5, 1.0], got {p}")
+        if self.kind == "mse" and not self.candidates and self.grid < 1:
+            raise ValueError("an mse range rule needs percentile candidates or a grid")
+
+
+def channels_last_2d(x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
+    """[rows, C] view of x with the quantization channel last (C = 1 for per-tensor)."""
+    x = x.detach().float()
+    if channel_axis is None:
+        return x.reshape(-1, 1)
+    return x.movedim(channel_axis, -1).reshape(-1, x.shape[channel_axis])
+
+
+def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    if q >= 1.0:
+        return rows.amax(dim=0)
+    if q <= 0.0:
+        return rows.amin(dim=0)
+    if rows.numel() > _QUANTILE_LIMIT:
+        step = -(-rows.numel() // _QUANTILE_LIMIT)
+        rows = rows[::step]
+    return torch.quantile(rows, q, dim=0)
+
+
+def candidate_ranges(
+    rows: torch.Tensor, rule: RangeRule, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Candidate (lo, hi) pairs, each of shape [C]."""
+    lo = rows.amin(dim=0) if lo is None else lo.reshape(-1).float()
+    hi = rows.amax(dim=0) if hi is None else hi.reshape(-1).float()
+    if rule.kind == "minmax":
+        return [(lo, hi)]
+    if rule.kind == "percentile":
+        return [(_quantile(rows, 1.0 - rule.percentile), _quantile(rows, rule.percentile))]
+    cands = [(_quantile(rows, 1.0 - p), _quantile(rows, p)) for p in rule.candidates]
+    cands += [(lo * (1 - i / (2 * rule.grid)), hi * (1 - i / (2 * rule.grid))) for i in range(rule.grid)]
+    return cands
