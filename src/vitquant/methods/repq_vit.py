@@ -67,19 +67,21 @@ class RepQViT(Method):
         observers = observe_float(qmodel, list(calib.batches()), seed=config.seed, progress=progress)
         fit_activations(qmodel, observers, plan, config.a_bits, config.patch_embed_input_bits)
         for pair in pairs:
-            self._reparameterize(qmodel, pair)
+            reparameterize_post_ln(qmodel, pair)
         fit_weights(qmodel, config.w_bits, rule)  # the weights changed
 
-    @staticmethod
-    def _reparameterize(qmodel, pair) -> None:
-        linears = [qmodel.submodule(n) for n in pair.linears]
-        cw = linears[0].input_site.quantizer
-        s, z = cw.scale, cw.zero_point
-        s_t, z_t = s.mean(), torch.round(z.mean())
-        r = s / s_t
-        b = (-z * s) / r + z_t * s_t
-        fold_channel_affine(qmodel.submodule(pair.norm), linears, r, b)
-        for lin in linears:  # all consumers see the same tensor: one shared layer-wise grid
-            q = UniformQuantizer(cw.bits, name=lin.input_site.name)
-            q.set_params(s_t, z_t)
-            lin.input_site.quantizer = q
+
+def reparameterize_post_ln(qmodel, pair) -> None:
+    """Step 3: the pair's channel-wise input quantizer becomes one layer-wise quantizer, exactly
+    (shared with I&S-ViT's stage 2)."""
+    linears = [qmodel.submodule(n) for n in pair.linears]
+    cw = linears[0].input_site.quantizer
+    s, z = cw.scale, cw.zero_point
+    s_t, z_t = s.mean(), torch.round(z.mean())
+    r = s / s_t
+    b = (-z * s) / r + z_t * s_t
+    fold_channel_affine(qmodel.submodule(pair.norm), linears, r, b)
+    for lin in linears:  # all consumers see the same tensor: one shared layer-wise grid
+        q = UniformQuantizer(cw.bits, name=lin.input_site.name)
+        q.set_params(s_t, z_t)
+        lin.input_site.quantizer = q
