@@ -81,7 +81,9 @@ def load_vitquant_model(path: Path) -> nn.Module:
 def load_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
     """'bundled' | a vitquant .safetensors model file | a timm model name (pretrained unless checkpoint)."""
     if name in BUNDLED:
-        return load_vitquant_model(ASSETS / f"{BUNDLED[name]}.safetensors")
+        model = load_vitquant_model(ASSETS / f"{BUNDLED[name]}.safetensors")
+        model.vitquant_source = {**model.vitquant_source, "name": name}  # survives a moved install
+        return model
     path = Path(name)
     if path.suffix == ".safetensors" or path.exists():
         if not path.is_file():

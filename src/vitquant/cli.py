@@ -1,0 +1,169 @@
+"""`vitquant` command line: a thin layer over the API. Every user error is one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from vitquant.errors import VitquantError
+
+PRESETS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a3")
+
+
+def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """--opt key=value (value parsed as JSON when it is JSON: numbers, true/false, lists)."""
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise VitquantError(f"--opt {pair!r} is not of the form key=value")
+        key, value = pair.split("=", 1)
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+def _config(args) -> "QuantConfig":
+    from vitquant.config import QuantConfig, parse_bits
+
+    w, a = parse_bits(args.bits)
+    return QuantConfig(method=args.method, w_bits=w, a_bits=a, calib_size=args.calib_size, seed=args.seed,
+                       options=_parse_options(args.opt))
+
+
+def _is_quantized_dir(path: str) -> bool:
+    from vitquant.serialization import META
+
+    return (Path(path) / META).is_file()
+
+
+def cmd_quantize(args) -> int:
+    import vitquant
+
+    config = _config(args)  # validate everything cheap before loading anything
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise VitquantError(f"output directory '{out}' already exists; pass --force to replace it")
+    model = vitquant.load_model(args.model, args.checkpoint)
+    qmodel = vitquant.quantize(model, config, args.calib, progress=not args.quiet)
+    extra = {}
+    if args.eval:
+        res = vitquant.evaluate(qmodel, args.eval, float_model=model, progress=not args.quiet)
+        flt = vitquant.evaluate(model, args.eval, progress=not args.quiet)
+        extra["evaluation"] = {"data": res.source, "float_top1": flt.top1, "top1": res.top1, "top5": res.top5,
+                               "agreement": res.agreement}
+    vitquant.save(qmodel, out, force=args.force, extra=extra)
+    s = qmodel.stats
+    print(f"quantized {args.model} with {config.method} {config.bits_name} on {s['calibration_source']} "
+          f"in {s['calibration_seconds']:.1f} s -> {out}")
+    if extra:
+        e = extra["evaluation"]
+        print(f"top-1 {e['top1']:.2f}% (float {e['float_top1']:.2f}%), agreement with float {e['agreement']:.2f}%")
+    return 0
+
+
+def _float_reference(qmodel, hub: bool):
+    """The float original of a saved quantized model, when it can be had without guessing."""
+    import vitquant
+
+    src = qmodel.source or {}
+    if src.get("name") == "bundled":
+        return vitquant.load_model("bundled")
+    if src.get("type") == "timm" and (src.get("weights") or hub):
+        return vitquant.load_model(src["name"], src.get("weights"))
+    if src.get("weights"):
+        return vitquant.load_model(src["weights"])
+    return None
+
+
+def cmd_eval(args) -> int:
+    import vitquant
+
+    if _is_quantized_dir(args.model):
+        model = vitquant.load(args.model)
+        float_model = _float_reference(model, args.float_reference)
+    else:
+        model, float_model = vitquant.load_model(args.model, args.checkpoint), None
+    res = vitquant.evaluate(model, args.data, float_model=float_model, limit=args.limit, progress=not args.quiet)
+    line = f"{args.model}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.source}"
+    if res.agreement is not None:
+        line += f"  agreement with float {res.agreement:.2f}%"
+    print(line)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from vitquant.methods import available_methods
+    from vitquant.models.loading import BUNDLED
+
+    print("methods:")
+    for name, cls in available_methods().items():
+        print(f"  {name:<12} {cls.summary}")
+    print("bit presets: " + ", ".join(PRESETS) + " (any wXaY with 2 ≤ X, Y ≤ 8)")
+    print("bundled models: " + ", ".join(BUNDLED))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vitquant.demo import run_demo
+
+    run_demo(method=args.method, presets=args.bits, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitquant", description="Post-training quantization of Vision Transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("--model", default="bundled", help="'bundled', a vitquant .safetensors model, or a timm name")
+    q.add_argument("--checkpoint", help="weights for a timm model (.safetensors, or .pth loaded weights_only)")
+    q.add_argument("--calib", default="bundled", help="image folder, or 'bundled' (MNIST-5k)")
+    q.add_argument("--calib-size", type=int, default=32, help="calibration images (default 32)")
+    q.add_argument("--method", default="repq-vit", help="see `vitquant list`")
+    q.add_argument("--bits", default="w8a8", help="wXaY preset, e.g. w8a8, w4a4")
+    q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--eval", metavar="DATA", help="also evaluate on DATA ('bundled' or an ImageFolder)")
+    q.add_argument("--out", required=True, help="output directory (written atomically)")
+    q.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a float model or a saved quantized model")
+    e.add_argument("model", help="a saved quantized directory, 'bundled', a model file, or a timm name")
+    e.add_argument("--checkpoint")
+    e.add_argument("--data", default="bundled", help="'bundled' or an ImageFolder directory")
+    e.add_argument("--limit", type=int, help="evaluate on this many images only")
+    e.add_argument("--float-reference", action="store_true", help="for timm-hub models, load the float model too")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("list", help="methods, presets and bundled models")
+    ls.set_defaults(func=cmd_list)
+
+    d = sub.add_parser("demo", help="quantize the bundled model at several bit widths and print a table")
+    d.add_argument("--method", default="repq-vit")
+    d.add_argument("--bits", nargs="+", default=["w8a8", "w6a6", "w4a4"])
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VitquantError as e:
+        print(f"vitquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

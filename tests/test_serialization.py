@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+
+import vitquant
+from vitquant import QuantConfig
+from vitquant.calibration import CalibrationSet
+from vitquant.errors import VitquantError
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a4", "w3a3"])
+def test_save_load_identical_outputs(tiny_vit, calib_images, tmp_path, bits):
+    q = vitquant.quantize(tiny_vit, QuantConfig.preset(bits), CalibrationSet(calib_images, "r", []), progress=False)
+    out = vitquant.save(q, tmp_path / "q")
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["config"]["method"] == "repq-vit"
+    assert meta["quantizers"]["blocks.0.attn.softmax"]["quantizer"]["type"] == "log_sqrt2"
+    assert isinstance(meta["quantizers"]["blocks.0.attn.qkv.weight"]["quantizer"]["scale"], list)
+    r = vitquant.load(out, model=tiny_vit)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(q(x), r(x))
+    # weights are stored as integer codes, so the file is much smaller than fp32
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out / "model.safetensors"))
+    assert sd["blocks.0.mlp.fc1.weight"].dtype == torch.uint8
+
+
+def test_save_refuses_to_overwrite_and_writes_nothing_on_failure(tiny_vit, calib_images, tmp_path):
+    q = vitquant.quantize(tiny_vit, "w8a8", CalibrationSet(calib_images, "r", []), progress=False)
+    target = tmp_path / "q"
+    target.mkdir()
+    (target / "keep.txt").write_text("old result")
+    with pytest.raises(VitquantError, match="already exists"):
+        vitquant.save(q, target)
+    assert (target / "keep.txt").read_text() == "old result"
+    vitquant.save(q, target, force=True)
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary leftovers
+
+
+def test_load_rejects_non_model_dir(tmp_path):
+    with pytest.raises(VitquantError, match="not a saved vitquant model"):
+        vitquant.load(tmp_path)
+
+
+def test_quantize_leaves_float_model_untouched(tiny_vit, calib_images):
+    before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
+    vitquant.quantize(tiny_vit, "w4a4", CalibrationSet(calib_images, "r", []), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in tiny_vit.state_dict().items())
