@@ -114,6 +114,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from vitquant.bench import ResultsStore, SweepSpec, run_sweep
+    from vitquant.report.accuracy import render_accuracy
+
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    spec = SweepSpec(models=split(args.models), methods=split(args.methods), bits=split(args.bits),
+                     seeds=[int(x) for x in split(args.seeds)], stress=not args.no_stress, calib=args.calib,
+                     eval_data=args.data)
+    store = ResultsStore(args.store)
+    before = len(store.records)
+    run_sweep(spec, store, progress=not args.quiet)
+    print(f"{len(store.records) - before} new runs, {len(store.records)} in {args.store}")
+    if args.markdown:
+        Path(args.markdown).write_text(render_accuracy(store.records) + "\n")
+        print(f"wrote {args.markdown}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitquant", description="Post-training quantization of Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="methods, presets and bundled models")
     ls.set_defaults(func=cmd_list)
+
+    b = sub.add_parser("bench", help="resumable sweep: models × methods × bits × seeds, appended to a store")
+    b.add_argument("--models", default="bundled", help="comma-separated model names/files")
+    b.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    b.add_argument("--bits", default="w8a8,w6a6,w4a4,w3a3")
+    b.add_argument("--seeds", default="0,1,2", help="calibration seeds")
+    b.add_argument("--calib", default="bundled")
+    b.add_argument("--data", default="bundled", help="evaluation data")
+    b.add_argument("--no-stress", action="store_true", help="skip the outlier-stress variants")
+    b.add_argument("--store", default="bench_runs.jsonl", help="JSON-lines results store (resumed if present)")
+    b.add_argument("--markdown", help="also write the accuracy tables to this file")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="quantize the bundled model at several bit widths and print a table")
     d.add_argument("--method", default="repq-vit")
