@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vitquant.calibration.data import CalibrationSet, data_config_for, load_calibration
+from vitquant.calibration.datafree import generated_calibration, is_generated_source
 from vitquant.config import QuantConfig
 from vitquant.errors import VitquantError
 from vitquant.methods import get_method
@@ -26,7 +27,9 @@ def quantize(
 
     config: a QuantConfig, or a bits preset such as "w4a4" for the default method.
     calib: a CalibrationSet, an image folder, a tensor of preprocessed images [N, C, H, W], a
-        DataLoader/Dataset of them, or "bundled" (MNIST-5k, for the bundled reference models).
+        DataLoader/Dataset of them, or "bundled" (MNIST-5k, for the bundled reference models); or, with
+        no images at all, "data-free" (PSAQ-ViT images generated from the float model; a DataFreeConfig
+        sets how) or "gaussian" (pure noise, the baseline).
     """
     if config is None:
         config = QuantConfig()
@@ -36,10 +39,13 @@ def quantize(
         raise VitquantError(f"config must be a QuantConfig or a bits preset like 'w4a4', not {type(config).__name__}")
     if isinstance(model, QuantizedModel):
         raise VitquantError("this model is already quantized; pass the float model")
-    if not isinstance(calib, CalibrationSet):
+    generation_stats: dict[str, Any] = {}
+    if is_generated_source(calib):  # needs the float model itself, so not a load_calibration source
+        calib, generation_stats = generated_calibration(model, calib, config.calib_size, config.seed, progress)
+    elif not isinstance(calib, CalibrationSet):
         calib = load_calibration(calib, data_config_for(model), n=config.calib_size, seed=config.seed)
-    qmodel = prepare(model, source=getattr(model, "vitquant_source", None))
     method = get_method(config.method)()
+    qmodel = prepare(model, source=getattr(model, "vitquant_source", None), extra_sites=method.requires_sites)
     torch.manual_seed(config.seed)
     with measure() as m:
         method.calibrate(qmodel, calib, config, progress=progress)
@@ -50,5 +56,6 @@ def quantize(
         "calibration_peak_rss_mb": round(m.peak_rss_mb, 1),
         "calibration_images": int(calib.images.shape[0]),
         "calibration_source": calib.source,
+        **generation_stats,
     }
     return qmodel.eval()
