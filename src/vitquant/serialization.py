@@ -21,6 +21,7 @@ from torch import nn
 
 from vitquant.config import QuantConfig
 from vitquant.errors import VitquantError
+from vitquant.methods import get_method
 from vitquant.models import QuantizedModel, prepare
 from vitquant.models.loading import build_from_source
 from vitquant.quantizers import UniformQuantizer, quantizer_from_spec
@@ -98,7 +99,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantizedModel:
         if not meta.get("source"):
             raise VitquantError(f"'{path}' does not record how to rebuild its float model; pass model=")
         model = build_from_source(meta["source"])
-    qmodel = prepare(model, source=meta.get("source"))
+    extra_sites = get_method(meta["config"]["method"]).requires_sites  # the method's own sites, recreated
+    qmodel = prepare(model, source=meta.get("source"), extra_sites=extra_sites)
     state = load_file(str(path / WEIGHTS))
     specs = meta["quantizers"]
     for name, site in qmodel.act_sites().items():

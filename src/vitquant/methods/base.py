@@ -21,6 +21,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `vitquant list`
     Options: ClassVar[type] = NoOptions
+    # extra quantization site groups the adapter must create (vitquant.models.timm_vit.EXTRA_SITES);
+    # quantize() and load() pass them to prepare()
+    requires_sites: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def validate_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:

@@ -26,6 +26,13 @@ ROLES = (
     "qk",  # q and k, the inputs of Q·Kᵀ
     "v",  # v, the second input of softmax·V
     "post_softmax",  # attention probabilities, the first input of softmax·V
+    # opt-in sites (adapter `extra_sites`) of "fully quantized" models (FQ-ViT): tensors outside the matmuls
+    "embed",  # patch tokens after the patch embedding, and the class/register tokens
+    "pos_embed",  # the position embedding (a constant)
+    "residual",  # the residual stream after each add: every LayerNorm's input in a pre-norm ViT
+    "branch_out",  # output of attn.proj and mlp.fc2, before it is added to the residual stream
+    "attn_scores",  # Q·Kᵀ·scale, the softmax input
+    "logits",  # classifier output
 )
 
 
@@ -57,6 +64,24 @@ class ActSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}, role={self.role}, enabled={self.enabled}"
+
+
+class SoftmaxSite(ActSite):
+    """The softmax and its output quantization point in one; its input is the attention *scores*.
+
+    Used with the opt-in "attn_scores" site. A quantizer with `from_scores = True` (FQ-ViT's
+    Log-Int-Softmax) computes the quantized probabilities from the quantized scores itself; any other
+    quantizer sees the float softmax. Observers always record the float probabilities.
+    """
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if not getattr(self.quantizer, "from_scores", False):
+            return super().forward(scores.softmax(dim=-1))
+        if self.observer is not None:
+            self.observer.update(scores.softmax(dim=-1))
+        if self.bypass or not self.enabled:
+            return scores.softmax(dim=-1)
+        return self.quantizer(scores)
 
 
 class _WeightQuantMixin:
@@ -93,12 +118,14 @@ class QuantLinear(_WeightQuantMixin, nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.input_site = ActSite(f"{name}.input", input_role)
+        self.output_site: ActSite | None = None  # opt-in extra site (branch_out, logits)
         self.weight_quantizer = None
         self.weight_frozen = False
         self.bypass = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_site(x), self.qweight(), self.bias)
+        y = F.linear(self.input_site(x), self.qweight(), self.bias)
+        return y if self.output_site is None else self.output_site(y)
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.in_features} -> {self.out_features}"
@@ -140,6 +167,8 @@ class QuantAttention(nn.Module):
         self.k_site = ActSite(f"{name}.k", "qk", channel_axis=1)
         self.v_site = ActSite(f"{name}.v", "v", channel_axis=1)
         self.softmax_site = ActSite(f"{name}.softmax", "post_softmax", channel_axis=1)
+        # opt-in extra site "attn_scores": the adapter sets it and makes softmax_site a SoftmaxSite
+        self.scores_site: ActSite | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
@@ -151,7 +180,10 @@ class QuantAttention(nn.Module):
             attn = attn + attn.new_full((N, N), float("-inf")).triu_(1)
         elif attn_mask is not None:
             attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.softmax_site(attn) @ self.v_site(v)
+        if self.scores_site is None:
+            attn = self.softmax_site(self.attn_drop(attn.softmax(dim=-1)))
+        else:  # quantized scores; the SoftmaxSite computes the softmax (an integer one for LIS)
+            attn = self.attn_drop(self.softmax_site(self.scores_site(attn)))
+        x = attn @ self.v_site(v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         return self.proj_drop(self.proj(x))
