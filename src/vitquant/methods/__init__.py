@@ -31,10 +31,11 @@ def available_methods() -> dict[str, type[Method]]:
 from vitquant.methods.minmax import MinMax  # noqa: E402
 from vitquant.methods.percentile import Percentile  # noqa: E402
 from vitquant.methods.repq_vit import RepQViT  # noqa: E402
+from vitquant.methods.ias_vit import IaSViT  # noqa: E402
 from vitquant.methods.erq import ERQ  # noqa: E402
 from vitquant.methods.fq_vit import FQViT  # noqa: E402
 
-for _m in (MinMax, Percentile, RepQViT, ERQ, FQViT):
+for _m in (MinMax, Percentile, RepQViT, IaSViT, ERQ, FQViT):
     register_method(_m)
 
 __all__ = ["Method", "available_methods", "get_method", "register_method"]

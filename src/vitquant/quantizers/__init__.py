@@ -2,6 +2,7 @@
 from vitquant.quantizers.base import Quantizer, quantizer_from_spec, register_quantizer
 from vitquant.quantizers.log import Log2Quantizer, LogSqrt2Quantizer
 from vitquant.quantizers.ranges import RangeRule
+from vitquant.quantizers.sulq import ShiftUniformLog2Quantizer
 from vitquant.quantizers.uniform import UniformQuantizer
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "LogSqrt2Quantizer",
     "Quantizer",
     "RangeRule",
+    "ShiftUniformLog2Quantizer",
     "UniformQuantizer",
     "quantizer_from_spec",
     "register_quantizer",

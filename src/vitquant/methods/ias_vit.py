@@ -1,0 +1,133 @@
+"""`ias-vit`: I&S-ViT, Zhong et al., "I&S-ViT: An Inclusive & Stable Method for Pushing the Limit of
+Post-Training ViTs Quantization", arXiv 2311.10126 (TPAMI 2025). Official code: zysxmu/IaS-ViT.
+
+Recipe:
+- Quantizers: uniform asymmetric everywhere (weights per output channel, activations layer-wise with
+  the percentile-MSE search over {0.999, 0.9999, 0.99999}); post-softmax with SULQ, the
+  shift-uniform-log2 quantizer (quantizers/sulq.py), η grid-searched by MSE and frozen.
+- Three-stage smooth optimisation (SOS), with block reconstruction (methods/reconstruction.py): the
+  patch-embedding conv and the head are reconstructed as single layers, every block as a unit.
+  1. Weights float; post-LayerNorm inputs (qkv, fc1) channel-wise, all other activations layer-wise.
+     Block-wise MSE reconstruction updates the float weights and biases (Adam, lr 4e-5, cosine) with
+     every quantizer parameter frozen — channel-wise quantization gives the smooth loss landscape.
+  2. RepQ-ViT reparameterization of the post-LayerNorm quantizers, channel-wise → layer-wise
+     (repq_vit.reparameterize_post_ln): lossless, since the weights are still float.
+  3. Weight quantizers are fitted on the current weights (per channel, MSE over the official code's
+     percentiles) and switched on with a straight-through round; the same reconstruction runs again.
+The teacher of both stages is the original float model.
+
+Defaults and sizing. The paper uses 1024 calibration images, batch 64, 1000 iterations per unit and
+stage at 3/4 bits and 200 at 6 bits (~31 min for 3-bit DeiT-S on an RTX 3090). `iters=None` follows
+that schedule (1000 when a_bits ≤ 4 or w_bits ≤ 4, else 200); batch 32. On 2 CPU cores one
+iteration of a 192-wide block takes a few ms, so the bundled 6-block model finishes in minutes.
+This method fits on the images it is given (config.calib_size, 32 by default), but 32 images are
+too few to train a block's weights for 1000 steps without overfitting them: it wants
+`recommended_calib_size` = 256 images (`QuantConfig(..., calib_size=256)`) and warns below 128.
+
+Deviations from the paper / official code:
+- Activation ranges are fitted on the float model's statistics ("parallel", as repq-vit here); the
+  code initialises them in a forward with activation quantization on and float weights.
+- The patch-embedding input is quantized at `patch_embed_input_bits` (8, as RepQ-ViT); I&S-ViT's code
+  leaves it float (pass patch_embed_input_bits=None for that).
+- The reparameterized zero point is rounded to an integer (see repq_vit.py); the code keeps the mean.
+- SULQ follows the paper's uniform quantizer (2^b codes, integer zero point); see quantizers/sulq.py.
+- Stage-1 block inputs come from the float model, stage-3 inputs from the quantized model, as in the
+  official code (the paper does not say); option `stage1_inputs="quantized"` uses the quantized
+  model's inputs in stage 1 too.
+- The reconstruction loss sums squared errors over channels (BRECQ's lp_loss sums over dim 1, which is
+  the token axis of a [B, N, C] ViT activation); the two differ only by a constant factor per unit.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from vitquant.calibration.engine import observe_float
+from vitquant.errors import VitquantError
+from vitquant.methods.base import Method
+from vitquant.methods.reconstruction import ReconstructionOptions, float_teacher, reconstruct_blocks
+from vitquant.methods.repq_vit import reparameterize_post_ln
+from vitquant.methods.steps import fit_activations, fit_weights
+from vitquant.quantizers import RangeRule, UniformQuantizer
+from vitquant.quantizers.sulq import DEFAULT_ETAS, ShiftUniformLog2Quantizer
+
+# official code: activation and weight percentile candidates (quant/quantizer.py, init_quantization_scale)
+ACT_PERCENTILES = (0.999, 0.9999, 0.99999)
+WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999)
+_MIN_CALIB_WARN = 128
+
+
+@dataclass
+class IaSViTOptions:
+    iters: int | None = None  # per unit and stage; None: the paper's 1000 (≤4-bit) / 200 schedule
+    batch_size: int = 32
+    lr: float = 4e-5
+    stage1_inputs: Literal["float", "quantized"] = "float"
+    etas: tuple[float, ...] = DEFAULT_ETAS
+    act_candidates: tuple[float, ...] = ACT_PERCENTILES
+    weight_candidates: tuple[float, ...] = WEIGHT_PERCENTILES
+
+    def __post_init__(self) -> None:
+        if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 0):
+            raise ValueError(f"iters must be None or a non-negative integer, got {self.iters!r}")
+        if self.stage1_inputs not in ("float", "quantized"):
+            raise ValueError(f"stage1_inputs must be 'float' or 'quantized', got {self.stage1_inputs!r}")
+        self.etas = tuple(float(e) for e in self.etas)
+        if not self.etas or min(self.etas) <= 0:
+            raise ValueError(f"etas must be positive shifts, got {self.etas!r}")
+        self.act_candidates = tuple(float(c) for c in self.act_candidates)
+        self.weight_candidates = tuple(float(c) for c in self.weight_candidates)
+        RangeRule("mse", candidates=self.act_candidates)  # validates
+        RangeRule("mse", candidates=self.weight_candidates)
+        self.reconstruction("float", "float", 0, 0)  # validates batch_size and lr
+
+    def reconstruction(self, weights: str, inputs: str, iters: int, seed: int) -> ReconstructionOptions:
+        # every quantizer parameter stays frozen in both stages: only weights and biases learn
+        return ReconstructionOptions(iters=iters, batch_size=self.batch_size, weights=weights, inputs=inputs,
+                                     learn_act_scales=False, weight_lr=self.lr, seed=seed)
+
+
+def paper_iters(w_bits: int, a_bits: int) -> int:
+    """The README's schedule: 1000 iterations at W3A3/W4A4, 200 at W6A6 (and above)."""
+    return 1000 if min(w_bits, a_bits) <= 4 else 200
+
+
+class IaSViT(Method):
+    name = "ias-vit"
+    summary = "I&S-ViT (TPAMI'25): shift-uniform-log2 softmax quantizer + three-stage block reconstruction"
+    Options = IaSViTOptions
+    recommended_calib_size: ClassVar[int] = 256
+
+    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+        opts = self.options(config)
+        if len(calib) < _MIN_CALIB_WARN:
+            warnings.warn(f"ias-vit trains block weights on only {len(calib)} calibration images; the paper uses 1024 "
+                          f"and {self.recommended_calib_size} are recommended (QuantConfig(..., calib_size="
+                          f"{self.recommended_calib_size}))", stacklevel=3)
+        iters = paper_iters(config.w_bits, config.a_bits) if opts.iters is None else opts.iters
+        act_rule = RangeRule("mse", candidates=opts.act_candidates)
+        pairs = [p for p in qmodel.norm_pairs if qmodel.submodule(p.linears[0]).input_site.role == "post_ln"]
+        channel_wise = {qmodel.submodule(n).input_site.name for p in pairs for n in p.linears}
+
+        def plan(site, bits):
+            if site.role == "post_softmax":
+                return ShiftUniformLog2Quantizer(bits, opts.etas), act_rule
+            return UniformQuantizer(bits, channel_axis=-1 if site.name in channel_wise else None), act_rule
+
+        teacher = float_teacher(qmodel)  # the original float model: both stages' targets
+        # Stage 1: float weights, channel-wise post-LN activations; reconstruction trains the weights
+        observers = observe_float(qmodel, list(calib.batches()), seed=config.seed, progress=progress)
+        fit_activations(qmodel, observers, plan, config.a_bits, config.patch_embed_input_bits)
+        del observers
+        stage1 = opts.reconstruction("float", opts.stage1_inputs, iters, config.seed)
+        reconstruct_blocks(qmodel, calib, stage1, progress=progress, teacher=teacher)
+        # Stage 2: channel-wise → layer-wise, lossless while weights are float
+        for pair in pairs:
+            if qmodel.submodule(pair.linears[0]).input_site.quantizer is None:
+                raise VitquantError(f"ias-vit: {pair.linears[0]} has no input quantizer to reparameterize")
+            reparameterize_post_ln(qmodel, pair)
+        # Stage 3: weight quantization on (straight-through), the same reconstruction again
+        fit_weights(qmodel, config.w_bits, RangeRule("mse", candidates=opts.weight_candidates))
+        stage3 = opts.reconstruction("ste", "quantized", iters, config.seed + 1)
+        reconstruct_blocks(qmodel, calib, stage3, progress=progress, teacher=teacher)

@@ -1,0 +1,339 @@
+"""Block reconstruction: the optimisation step that BRECQ, QDrop and the ViT methods built on them share.
+
+Li et al., "BRECQ: Pushing the Limit of Post-Training Quantization by Block Reconstruction", ICLR'21;
+Wei et al., "QDrop: Randomly Dropping Quantization for Extremely Low-bit PTQ", ICLR'22; used by
+I&S-ViT, AdaLog (--optimize), DopQ-ViT and APHQ-ViT.
+
+Unit by unit, in forward order (the patch-embedding conv and the head as single layers, every
+transformer block as one unit), minimise ‖f_q(x) − f(x̄)‖² between the unit's quantized output and the
+float model's output, on calibration images:
+- x (`inputs="quantized"`): the unit's input as the quantized model computes it, earlier units already
+  reconstructed (sequential, BRECQ); `inputs="float"`: the float model's input of the unit.
+- weights (`weights=`): "adaround" learns the rounding on the fitted grid (AdaRound, quantizers/
+  adaround.py) and hardens it into the weights afterwards; "ste" trains the float weights and biases
+  through the frozen weight grid with a straight-through round (I&S-ViT stage 3); "float" trains the
+  float weights and biases with weight quantization off in the whole model (I&S-ViT stage 1); "fixed"
+  keeps the weights.
+- activation scales (`learn_act_scales`): every `UniformQuantizer` at an activation site of the unit
+  learns its scale (LSQ gradient through a straight-through round; zero point fixed, as in BRECQ).
+  Other quantizers (log2, log√2, SULQ, …) keep their fitted parameters and pass an identity
+  (straight-through) gradient so the layers before them still learn; SULQ uses its own STE.
+- QDrop (`qdrop=p`): during optimisation each activation element keeps its float value with
+  probability p (elementwise, as the QDrop code does); off when measuring.
+- Adam: AdaRound's V at `adaround_lr` with a constant rate (BRECQ/QDrop), activation scales and
+  float weights at `act_lr`/`weight_lr` with cosine decay to 0; the rounding regulariser (weight
+  `round_weight`) starts after `warmup`·iters with β annealed 20 → 2.
+- Loss: squared error summed over channels, averaged over batch and tokens (BRECQ's lp_loss).
+
+Afterwards every quantizer holds what was learned (scales written back, weights hardened onto the grid
+or updated in float), so `freeze_weight` and `vitquant.save`/`load` reproduce the result exactly.
+
+Deviations: AdaLog/APHQ use KL on the head's output; here every unit uses MSE. BRECQ optimises
+weights and activations in two passes; this runs them jointly (QDrop's setting).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vitquant.calibration.data import CalibrationSet
+from vitquant.errors import VitquantError
+from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
+from vitquant.models.quantized import QuantizedModel
+from vitquant.quantizers import UniformQuantizer
+from vitquant.quantizers.adaround import AdaRoundWeight, beta_schedule
+from vitquant.quantizers.ste import LearnedScaleUniform, StraightThrough
+
+WEIGHT_MODES = ("adaround", "ste", "float", "fixed")
+
+
+@dataclass
+class ReconstructionOptions:
+    iters: int = 200  # per unit; the papers use 1000-20000 on a GPU
+    batch_size: int = 32
+    weights: Literal["adaround", "ste", "float", "fixed"] = "adaround"
+    learn_act_scales: bool = True
+    inputs: Literal["quantized", "float"] = "quantized"
+    qdrop: float = 0.0  # QDrop uses 0.5
+    adaround_lr: float = 1e-3
+    weight_lr: float = 4e-5
+    act_lr: float = 4e-5
+    round_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> VitquantError:
+            return VitquantError(f"reconstruction option {what}")
+
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise bad(f"iters must be a non-negative integer, got {self.iters!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.weights not in WEIGHT_MODES:
+            raise bad(f"weights must be one of {WEIGHT_MODES}, got {self.weights!r}")
+        if self.inputs not in ("quantized", "float"):
+            raise bad(f"inputs must be 'quantized' or 'float', got {self.inputs!r}")
+        if not 0.0 <= self.qdrop < 1.0:
+            raise bad(f"qdrop must be a probability in [0, 1), got {self.qdrop!r}")
+        for name in ("adaround_lr", "weight_lr", "act_lr", "round_weight"):
+            if getattr(self, name) < 0:
+                raise bad(f"{name} must be ≥ 0, got {getattr(self, name)!r}")
+        self.beta = tuple(float(b) for b in self.beta)
+        if len(self.beta) != 2 or min(self.beta) <= 0:
+            raise bad(f"beta must be (start, end) > 0, got {self.beta!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise bad(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+
+
+@dataclass
+class UnitResult:
+    mse_before: float  # mean squared error of the unit's output vs the float output, on all images
+    mse_after: float
+    seconds: float
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the unit of interest has been reached."""
+
+
+# -- structure ---------------------------------------------------------------------------------------
+def reconstruction_units(qmodel: QuantizedModel, example: torch.Tensor) -> list[str]:
+    """Names of the units in forward order: every child of `blocks` and every weight layer outside it."""
+    blocks = getattr(qmodel.model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList):
+        raise VitquantError(f"block reconstruction needs a model with a `blocks` container (timm ViT); "
+                            f"this {qmodel.adapter} model has none")
+    names = [f"blocks.{i}" for i in range(len(blocks))]
+    names += [n for n in qmodel.weight_layers() if not n.startswith("blocks.")]
+    order: list[str] = []
+    hooks = [qmodel.submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in names]
+    try:
+        with qmodel.bypassed(), torch.no_grad():
+            qmodel(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def float_teacher(qmodel: QuantizedModel) -> QuantizedModel:
+    """A frozen float copy: the targets stay those of the original model while `qmodel` changes."""
+    import copy
+
+    teacher = copy.deepcopy(qmodel)
+    for unit in [*teacher.act_sites().values(), *teacher.weight_layers().values()]:
+        unit.bypass = True
+    return teacher.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int,
+             with_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ins, outs = [], []
+
+    def pre(_m, args):
+        ins.append(args[0].detach())
+        if not with_output:
+            raise _Stop
+
+    def post(_m, _args, out):
+        outs.append(out.detach())
+        raise _Stop
+
+    handles = [unit.register_forward_pre_hook(pre)] + ([unit.register_forward_hook(post)] if with_output else [])
+    try:
+        for x in images.split(batch_size):
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(ins), (torch.cat(outs) if with_output else None)
+
+
+# -- training views ----------------------------------------------------------------------------------
+class _SiteView(nn.Module):
+    """A site's quantizer during optimisation: differentiable, optionally dropped (QDrop)."""
+
+    def __init__(self, inner: nn.Module, drop: float, gen: torch.Generator) -> None:
+        super().__init__()
+        self.inner, self.drop, self.gen, self.dropping = inner, drop, gen, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = self.inner(x)
+        if self.dropping and self.drop > 0:
+            keep_float = torch.rand(x.shape, generator=self.gen).to(x.device) < self.drop
+            return torch.where(keep_float, x, xq)
+        return xq
+
+
+@contextmanager
+def _weights_float(qmodel: QuantizedModel, on: bool) -> Iterator[None]:
+    layers = list(qmodel.weight_layers().values())
+    before = [layer.bypass for layer in layers]
+    if on:
+        for layer in layers:
+            layer.bypass = True
+    try:
+        yield
+    finally:
+        for layer, b in zip(layers, before):
+            layer.bypass = b
+
+
+class _UnitTrainer:
+    """Installs the training views of one unit, collects what learns, and restores the unit after."""
+
+    def __init__(self, unit: nn.Module, name: str, opts: ReconstructionOptions, gen: torch.Generator) -> None:
+        self.unit, self.opts = unit, opts
+        self.sites = [m for m in unit.modules() if isinstance(m, ActSite) and m.enabled and m.quantizer is not None]
+        self.layers = [m for m in unit.modules() if isinstance(m, QuantLinear | QuantConv2d)]
+        self.requires_grad = {p: p.requires_grad for p in unit.parameters()}
+        unit.requires_grad_(False)
+        self.site_views, self.weight_views = [], []
+        self.site_quantizers = [s.quantizer for s in self.sites]
+        for site in self.sites:
+            q = site.quantizer
+            inner = (LearnedScaleUniform(q, learn_scale=opts.learn_act_scales) if isinstance(q, UniformQuantizer)
+                     else StraightThrough(q))
+            site.quantizer = _SiteView(inner, opts.qdrop, gen)
+            self.site_views.append(site.quantizer)
+        self.weight_quantizers = [layer.weight_quantizer for layer in self.layers]
+        for layer in self.layers:
+            if opts.weights in ("adaround", "ste"):
+                q = layer.weight_quantizer
+                if layer.weight_frozen or not isinstance(q, UniformQuantizer) or not q.calibrated:
+                    raise VitquantError(
+                        f"layer {layer.name!r}: weights={opts.weights!r} reconstruction needs an unfrozen weight with a "
+                        f"fitted UniformQuantizer (fit it first, e.g. methods.steps.fit_weights); got {q!r}")
+                view = AdaRoundWeight(q, layer.weight) if opts.weights == "adaround" else LearnedScaleUniform(q, False)
+                layer.weight_quantizer = view
+                self.weight_views.append(view)
+            if opts.weights in ("ste", "float"):
+                layer.weight.requires_grad_(True)
+                if layer.bias is not None:
+                    layer.bias.requires_grad_(True)
+
+    def param_groups(self) -> list[dict]:
+        o = self.opts
+        groups = []
+        scales = [v.inner.scale for v in self.site_views if isinstance(v.inner, LearnedScaleUniform) and o.learn_act_scales]
+        if scales:
+            groups.append({"params": scales, "lr": o.act_lr, "cosine": True})
+        if o.weights == "adaround":
+            groups.append({"params": [v.v for v in self.weight_views], "lr": o.adaround_lr, "cosine": False})
+        elif o.weights in ("ste", "float"):
+            params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
+            groups.append({"params": params, "lr": o.weight_lr, "cosine": True})
+        return [g for g in groups if g["params"]]
+
+    def regularizer(self, step: int) -> torch.Tensor | None:
+        if self.opts.weights != "adaround" or not self.weight_views:
+            return None
+        beta = beta_schedule(step, self.opts.iters, self.opts.warmup, *self.opts.beta)
+        if beta is None:
+            return None
+        return self.opts.round_weight * sum(v.regularizer(beta) for v in self.weight_views)
+
+    def set_dropping(self, on: bool) -> None:
+        for v in self.site_views:
+            v.dropping = on
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Write what was learned into the real quantizers and weights, and remove the views."""
+        for site, view, q in zip(self.sites, self.site_views, self.site_quantizers):
+            view.inner.write_back()
+            site.quantizer = q
+        for layer, q in zip(self.layers, self.weight_quantizers):
+            if isinstance(layer.weight_quantizer, AdaRoundWeight):
+                layer.weight.copy_(layer.weight_quantizer.hard_weight())
+            layer.weight_quantizer = q
+        for p, flag in self.requires_grad.items():
+            p.requires_grad_(flag)
+
+
+def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    channel_dim = 1 if out.dim() == 4 else -1  # conv outputs are [B, C, H, W], token outputs [B, N, C]
+    return (out - target).pow(2).sum(channel_dim).mean()
+
+
+@torch.no_grad()
+def _mse(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+    total = sum((unit(x) - t).pow(2).sum().item() for x, t in zip(inputs.split(batch_size), targets.split(batch_size)))
+    return total / targets.numel()
+
+
+def _reconstruct_unit(qmodel: QuantizedModel, teacher: QuantizedModel, name: str, images: torch.Tensor,
+                      opts: ReconstructionOptions, gen: torch.Generator, progress: bool) -> UnitResult:
+    t0 = time.perf_counter()
+    unit = qmodel.submodule(name)
+    f_in, f_out = _capture(teacher, teacher.submodule(name), images, opts.batch_size, with_output=True)
+    x_in = f_in if opts.inputs == "float" else _capture(qmodel, unit, images, opts.batch_size, with_output=False)[0]
+    mse_before = _mse(unit, x_in, f_out, opts.batch_size)
+    trainer = _UnitTrainer(unit, name, opts, gen)
+    try:
+        groups = trainer.param_groups()
+        if groups and opts.iters > 0:
+            optimizer = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in groups])
+            cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / opts.iters))  # noqa: E731
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, [cosine if g["cosine"] else (lambda s: 1.0) for g in groups])
+            n, bs = x_in.shape[0], min(opts.batch_size, x_in.shape[0])
+            bar = tqdm(range(opts.iters), desc=f"reconstructing {name}", unit="it", leave=False, disable=not progress)
+            trainer.set_dropping(True)
+            with torch.enable_grad():
+                for step in bar:
+                    idx = torch.randperm(n, generator=gen)[:bs]
+                    rec = _rec_loss(unit(x_in[idx]), f_out[idx])
+                    reg = trainer.regularizer(step)
+                    loss = rec if reg is None else rec + reg
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    if step % 10 == 0 or step == opts.iters - 1:
+                        bar.set_postfix(loss=f"{rec.item():.4g}")
+            trainer.set_dropping(False)
+    finally:
+        trainer.finish()
+    mse_after = _mse(unit, x_in, f_out, opts.batch_size)
+    return UnitResult(mse_before, mse_after, time.perf_counter() - t0)
+
+
+def reconstruct_blocks(
+    qmodel: QuantizedModel, calib: CalibrationSet | torch.Tensor, options: ReconstructionOptions | None = None,
+    progress: bool = True, teacher: QuantizedModel | None = None,
+) -> dict[str, UnitResult]:
+    """Reconstruct every unit of a calibrated `qmodel` in place; returns each unit's output MSE
+    before/after. `teacher`: the float reference (default: a float copy of `qmodel` as it is now —
+    pass one taken earlier when `qmodel`'s float weights were already changed by a previous stage)."""
+    opts = options or ReconstructionOptions()
+    images = calib.images if isinstance(calib, CalibrationSet) else calib
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        raise VitquantError("reconstruct_blocks needs a CalibrationSet or a non-empty image tensor [N, C, H, W]")
+    device = next(qmodel.parameters()).device
+    images = images.to(device)
+    teacher = float_teacher(qmodel) if teacher is None else teacher
+    gen = torch.Generator().manual_seed(opts.seed)
+    was_training = qmodel.training
+    qmodel.eval()
+    results = {}
+    try:
+        with _weights_float(qmodel, opts.weights == "float"):
+            for name in reconstruction_units(qmodel, images):
+                results[name] = _reconstruct_unit(qmodel, teacher, name, images, opts, gen, progress)
+    finally:
+        qmodel.train(was_training)
+    return results
