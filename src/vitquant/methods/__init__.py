@@ -34,8 +34,10 @@ from vitquant.methods.repq_vit import RepQViT  # noqa: E402
 from vitquant.methods.ias_vit import IaSViT  # noqa: E402
 from vitquant.methods.erq import ERQ  # noqa: E402
 from vitquant.methods.fq_vit import FQViT  # noqa: E402
+from vitquant.methods.ptq4vit import PTQ4ViT  # noqa: E402
+from vitquant.methods.noisyquant import NoisyQuant  # noqa: E402
 
-for _m in (MinMax, Percentile, RepQViT, IaSViT, ERQ, FQViT):
+for _m in (MinMax, Percentile, RepQViT, IaSViT, ERQ, FQViT, PTQ4ViT, NoisyQuant):
     register_method(_m)
 
 __all__ = ["Method", "available_methods", "get_method", "register_method"]

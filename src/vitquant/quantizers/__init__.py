@@ -1,16 +1,21 @@
 """Quantizers: pure tensor math, fitted from a tensor or an observer's sample."""
 from vitquant.quantizers.base import Quantizer, quantizer_from_spec, register_quantizer
 from vitquant.quantizers.log import Log2Quantizer, LogSqrt2Quantizer
+from vitquant.quantizers.noisy import NoisyBiasQuantizer
 from vitquant.quantizers.ranges import RangeRule
 from vitquant.quantizers.sulq import ShiftUniformLog2Quantizer
+from vitquant.quantizers.twin_uniform import TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer
 from vitquant.quantizers.uniform import UniformQuantizer
 
 __all__ = [
     "Log2Quantizer",
     "LogSqrt2Quantizer",
+    "NoisyBiasQuantizer",
     "Quantizer",
     "RangeRule",
     "ShiftUniformLog2Quantizer",
+    "TwinUniformGeluQuantizer",
+    "TwinUniformSoftmaxQuantizer",
     "UniformQuantizer",
     "quantizer_from_spec",
     "register_quantizer",
