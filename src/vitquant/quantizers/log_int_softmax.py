@@ -9,7 +9,7 @@ zero point z). Every value below is an integer; like FQ-ViT we simulate the inte
 1. x = x̂/S − max_row(x̂/S) ≤ 0                        (the zero point cancels in the difference)
 2. i-exp, exp(x·S) = 2^−q·exp(r·S) with x = q·x0 + r:  x0 = ⌊−ln2/S⌋, x ← max(x, n·x0) (n = 30),
    q = ⌊x/x0⌋, r = x − q·x0 ∈ (x0, 0];  exp(p) ≈ a·p² + b·p + c on [−ln 2, 0] (a, b, c = 0.35815147,
-   0.96963238, 1, the code's coefficients, = I-BERT's 0.3585·(p + 1.353)² + 0.344 expanded) gives
+   0.96963238, 1, the code's coefficients, ≈ I-BERT's 0.3585·(p + 1.353)² + 0.344 expanded) gives
    z = r·(r + ⌊b/(a·S)⌋) + ⌊c/(a·S²)⌋  and  I_exp = max(⌊z·2^(n−q)⌋, 0)
 3. ratio = ⌊Σ_row I_exp / I_exp⌉ ≥ 1                    (the probability is ≈ 1/ratio)
 4. code = ⌊log2 ratio⌉, probability 2^−code             (a deployment computes P·V as V >> code)
