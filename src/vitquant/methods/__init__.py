@@ -32,12 +32,14 @@ from vitquant.methods.minmax import MinMax  # noqa: E402
 from vitquant.methods.percentile import Percentile  # noqa: E402
 from vitquant.methods.repq_vit import RepQViT  # noqa: E402
 from vitquant.methods.ias_vit import IaSViT  # noqa: E402
+from vitquant.methods.adalog import AdaLog  # noqa: E402
+from vitquant.methods.dopq_vit import DopQViT  # noqa: E402
 from vitquant.methods.erq import ERQ  # noqa: E402
 from vitquant.methods.fq_vit import FQViT  # noqa: E402
 from vitquant.methods.ptq4vit import PTQ4ViT  # noqa: E402
 from vitquant.methods.noisyquant import NoisyQuant  # noqa: E402
 
-for _m in (MinMax, Percentile, RepQViT, IaSViT, ERQ, FQViT, PTQ4ViT, NoisyQuant):
+for _m in (MinMax, Percentile, RepQViT, IaSViT, AdaLog, DopQViT, ERQ, FQViT, PTQ4ViT, NoisyQuant):
     register_method(_m)
 
 __all__ = ["Method", "available_methods", "get_method", "register_method"]

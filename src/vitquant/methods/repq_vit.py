@@ -31,7 +31,7 @@ from vitquant.calibration.engine import observe_float
 from vitquant.methods.base import Method
 from vitquant.methods.reparam import fold_channel_affine
 from vitquant.methods.steps import fit_activations, fit_weights
-from vitquant.quantizers import LogSqrt2Quantizer, RangeRule, UniformQuantizer
+from vitquant.quantizers import LogSqrt2Quantizer, Quantizer, RangeRule, UniformQuantizer
 
 PERCENTILE_MSE = RangeRule("mse", candidates=(0.999, 0.9999, 0.99999))
 
@@ -60,24 +60,38 @@ class RepQViT(Method):
 
         def plan(site, bits):
             if site.role == "post_softmax":
-                return LogSqrt2Quantizer(bits), rule
+                return self.softmax_quantizer(bits), rule
             return UniformQuantizer(bits, channel_axis=-1 if site.name in channel_wise else None), rule
 
         fit_weights(qmodel, config.w_bits, rule)
         observers = observe_float(qmodel, list(calib.batches()), seed=config.seed, progress=progress)
         fit_activations(qmodel, observers, plan, config.a_bits, config.patch_embed_input_bits)
         for pair in pairs:
-            reparameterize_post_ln(qmodel, pair)
+            reparameterize_post_ln(qmodel, pair, self.layerwise_scale_choice(opts))
         fit_weights(qmodel, config.w_bits, rule)  # the weights changed
 
+    # hooks for methods that are RepQ-ViT with one part swapped (DopQ-ViT)
+    def softmax_quantizer(self, bits: int) -> Quantizer:
+        return LogSqrt2Quantizer(bits)
 
-def reparameterize_post_ln(qmodel, pair) -> None:
+    def layerwise_scale_choice(self, opts) -> str:
+        return "mean"
+
+
+def reparameterize_post_ln(qmodel, pair, scale_choice: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: the pair's channel-wise input quantizer becomes one layer-wise quantizer, exactly
-    (shared with I&S-ViT's stage 2)."""
+    (shared with I&S-ViT's stage 2, AdaLog and DopQ-ViT). scale_choice: how (s̃, z̃) is taken from the
+    channel-wise (s, z) — "mean" (RepQ-ViT) or "median" (DopQ-ViT's MOSF). Returns (r, b): the
+    LayerNorm's output x became x / r − b."""
     linears = [qmodel.submodule(n) for n in pair.linears]
     cw = linears[0].input_site.quantizer
     s, z = cw.scale, cw.zero_point
-    s_t, z_t = s.mean(), torch.round(z.mean())
+    if scale_choice == "mean":
+        s_t, z_t = s.mean(), torch.round(z.mean())
+    elif scale_choice == "median":  # the middle value (mean of the two middle ones for an even count)
+        s_t, z_t = torch.quantile(s, 0.5), torch.round(torch.quantile(z, 0.5))
+    else:
+        raise ValueError(f"scale_choice must be 'mean' or 'median', not {scale_choice!r}")
     r = s / s_t
     b = (-z * s) / r + z_t * s_t
     fold_channel_affine(qmodel.submodule(pair.norm), linears, r, b)
@@ -85,3 +99,4 @@ def reparameterize_post_ln(qmodel, pair) -> None:
         q = UniformQuantizer(cw.bits, name=lin.input_site.name)
         q.set_params(s_t, z_t)
         lin.input_site.quantizer = q
+    return r, b

@@ -1,0 +1,336 @@
+"""`adalog`: AdaLog, Wu, Chen, Zhong, Huang and Wang, "AdaLog: Post-Training Quantization for Vision
+Transformers with Adaptive Logarithm Quantizer", ECCV 2024 (code: GoatWu/AdaLog).
+
+Recipe (calibration only; parallel: every layer's inputs and outputs come from the float model):
+1. Post-softmax (first input of softmax·V): the AdaLog quantizer (quantizers/adalog.py), s = 1, its
+   log base 2^(q/37) searched over the integers q ∈ q_range by the error of softmax·V.
+2. Post-GELU (fc2 input): AdaLog on x + 0.16997; q and s found by FPCS's combining search by fc2's
+   output error; the shift is then folded into fc2's bias (reparam.fold_input_shift).
+3. q, k and v: asymmetric uniform with one (s, z) per head, by FPCS on the error of Q·Kᵀ / softmax·V.
+4. Post-LayerNorm inputs (qkv, fc1): channel-wise (s, z) by FPCS on the input error, then RepQ-ViT's
+   reparameterization to one layer-wise grid (repq_vit.reparameterize_post_ln), then searched again.
+5. Every other Linear/conv input layer-wise (patch embedding at `patch_embed_input_bits`), weights
+   per output channel, asymmetric; each layer: weight and input ranges first by their own error, then
+   `rounds` rounds alternating FPCS on the layer's output error (methods/fpcs.py).
+6. Optional block reconstruction (`reconstruct=True`, the paper's "--optimize"): the shared step of
+   methods/reconstruction.py, run before the bias fold.
+
+Options and their CPU-friendly defaults (the paper/code value in brackets): candidates 32 [128],
+top_k 4 [16; 32 in the post-GELU combining stage], steps 4 [6], rounds 2 [3]. q_range (10, 138) is
+the code's. Pass {"candidates": 128, "top_k": 16, "steps": 6, "rounds": 3} for the paper's search.
+
+Deviations from the paper / official code:
+- The dequantization table is exact (2^(−j/37)); `table="rounded"` gives the code's table rounded to
+  1/(2^(b+1) − 2) steps (see quantizers/adalog.py).
+- FPCS: zero-point candidates around each range's own zero point, best candidate kept (see fpcs.py).
+- Post-LN inputs are reparameterized at every bit width (the code only when a_bits == w_bits), and the
+  exact grid the reparameterization produces joins the candidates of the layer-wise search, so that
+  search can only improve on the channel-wise quantization under the output metric.
+- The softmax base search and the post-GELU search evaluate the q of each q-range value directly
+  (the code also does); with the CPU defaults the post-GELU stage keeps top_k q's (the code: 8).
+- The official loader applies timm's *training* transform to the calibration images; vitquant uses
+  the model's evaluation preprocessing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitquant.errors import VitquantError
+from vitquant.methods.base import Method
+from vitquant.methods.capture import capture
+from vitquant.methods.fpcs import FPCS, evaluate, uniform_fake
+from vitquant.methods.reparam import fold_input_shift
+from vitquant.methods.repq_vit import reparameterize_post_ln
+from vitquant.models.qmodules import QuantAttention, QuantConv2d
+from vitquant.quantizers import AdaLogQuantizer, UniformQuantizer
+from vitquant.quantizers.adalog import GELU_SHIFT, R_DEFAULT, TABLES, adalog_codes, adalog_dequantize, mantissa_table
+
+
+@dataclass
+class AdaLogOptions:
+    candidates: int = 32
+    top_k: int = 4
+    steps: int = 4
+    rounds: int = 2
+    q_range: tuple[int, int] = (1, 138)  # log-base candidates q, base 2^(q/r), inclusive (code: 10..138)
+    r: int = R_DEFAULT
+    table: str = "exact"
+    post_gelu: str = "adalog"  # or "uniform" (the ablation)
+    reparam_post_ln: bool = True
+    fold_shift: bool = True
+    max_rows: int = 4096  # rows (tokens) of a layer's input used by the search
+    reconstruct: bool = False
+    reconstruct_iters: int = 200
+
+    def __post_init__(self) -> None:
+        self.q_range = tuple(int(q) for q in self.q_range)
+        FPCS(self.candidates, self.top_k, self.steps)  # validates
+        if len(self.q_range) != 2 or not 1 <= self.q_range[0] <= self.q_range[1]:
+            raise ValueError(f"q_range must be (lo, hi) with 1 ≤ lo ≤ hi, got {self.q_range}")
+        if self.table not in TABLES:
+            raise ValueError(f"table must be one of {TABLES}, got {self.table!r}")
+        if self.post_gelu not in ("adalog", "uniform"):
+            raise ValueError(f"post_gelu must be 'adalog' or 'uniform', got {self.post_gelu!r}")
+        if self.rounds < 1 or self.max_rows < 1 or self.r < 1:
+            raise ValueError("rounds, max_rows and r must be positive")
+
+
+def reconstruction_step():
+    """The shared block-reconstruction step, or a clear error while it does not exist."""
+    try:
+        from vitquant.methods.reconstruction import ReconstructionOptions, reconstruct_blocks
+    except ImportError:
+        raise VitquantError(
+            "reconstruct=True needs the shared block-reconstruction step (vitquant.methods.reconstruction), "
+            "which is not available yet in this vitquant; calibrate without it (reconstruct=False)"
+        ) from None
+    return reconstruct_blocks, ReconstructionOptions
+
+
+def _minmax(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column min-max (s, z): the starting point before a search."""
+    q = UniformQuantizer(bits)
+    return q.params_for_range(rows.amin(0), rows.amax(0))
+
+
+def _uniform(bits: int, s: torch.Tensor, z: torch.Tensor, name: str, channel_axis: int | None = None) -> UniformQuantizer:
+    q = UniformQuantizer(bits, channel_axis=channel_axis, name=name)
+    q.set_params(s.reshape(-1) if channel_axis is not None else s.reshape(()), z.reshape(-1) if channel_axis is not None else z.reshape(()))
+    return q
+
+
+class AdaLog(Method):
+    name = "adalog"
+    summary = "AdaLog (ECCV'24): adaptive-base log quantizer for post-softmax/post-GELU, FPCS search"
+    Options = AdaLogOptions
+
+    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+        opts = self.options(config)
+        if opts.reconstruct:
+            reconstruct_blocks, ReconstructionOptions = reconstruction_step()  # fail before any work
+        self.opts, self.config = opts, config
+        self.search = FPCS(opts.candidates, opts.top_k, opts.steps)
+        self.table = mantissa_table(opts.r, config.a_bits, opts.table)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        batches = list(calib.batches())
+        pairs = {p.linears[0]: p for p in qmodel.norm_pairs
+                 if opts.reparam_post_ln and qmodel.submodule(p.linears[0]).input_site.role == "post_ln"}
+        with torch.no_grad():
+            for layers, attns in tqdm(self._groups(qmodel), desc="adalog search", disable=not progress, leave=False):
+                caps, attn_caps = capture(qmodel, layers, attns, batches, with_grad=False)
+                rows = {l.name: self._rows(l, caps[l.name].x) for l in layers}
+                for layer in layers:
+                    if layer.name in pairs:  # channel-wise first, then one shared layer-wise grid
+                        pair = pairs[layer.name]
+                        r, b = self._channel_wise_then_reparam(qmodel, pair, rows[layer.name])
+                        for name in pair.linears:
+                            rows[name] = rows[name] / r - b
+                for layer in layers:
+                    self._search_layer(layer, rows[layer.name])
+                for attn in attns:
+                    cap = attn_caps[attn.name]
+                    self._search_qk(attn, cap.q, cap.k)
+                    self._search_softmax_v(attn, cap.probs, cap.v)
+        if opts.reconstruct:
+            reconstruct_blocks(qmodel, calib, ReconstructionOptions(iters=opts.reconstruct_iters), progress)
+        if opts.fold_shift:  # after reconstruction, which may still change fc2's weights
+            self._fold_post_gelu_shifts(qmodel)
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    @staticmethod
+    def _groups(qmodel):
+        """(layers, attentions) captured together: one transformer block at a time, others alone."""
+        attns = [m for m in qmodel.model.modules() if isinstance(m, QuantAttention)]
+        blocks = {a.name.rsplit(".", 1)[0] + ".": ([], [a]) for a in attns}
+        groups, seen = [], set()
+        for name, layer in qmodel.weight_layers().items():
+            prefix = next((p for p in blocks if name.startswith(p)), None)
+            if prefix is None:
+                groups.append(([layer], []))
+            else:
+                blocks[prefix][0].append(layer)
+                if prefix not in seen:
+                    seen.add(prefix)
+                    groups.append(blocks[prefix])
+        return groups
+
+    def _rows(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, QuantConv2d):  # a conv is a Linear on unfolded patches
+            if layer.groups != 1:
+                raise VitquantError(f"adalog: grouped conv {layer.name!r} is not supported")
+            kernel = layer.weight.shape[2:]
+            x = F.unfold(x, kernel, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        if rows.shape[0] > self.opts.max_rows:
+            rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.opts.max_rows].sort().values]
+        return rows
+
+    def _bits(self, site) -> int | None:
+        return self.config.patch_embed_input_bits if site.role == "image" else self.config.a_bits
+
+    # -- linear layers ------------------------------------------------------------------------------
+    def _channel_wise_then_reparam(self, qmodel, pair, x: torch.Tensor):
+        site = qmodel.submodule(pair.linears[0]).input_site
+        bits = self._bits(site)
+
+        def input_error(s, z):  # per channel
+            return (uniform_fake(x[None], s[:, None], z[:, None], bits) - x).pow(2).mean(1)
+
+        s, z = self.search.search_uniform(input_error, x, bits, x.numel())
+        site.quantizer = _uniform(bits, s, z, site.name, channel_axis=-1)
+        return reparameterize_post_ln(qmodel, pair, "mean")
+
+    def _search_layer(self, layer, x: torch.Tensor) -> None:
+        w_bits, site = self.config.w_bits, layer.input_site
+        a_bits = self._bits(site)
+        W = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        y = F.linear(x, W, bias)
+        n, (c_out, c_in) = x.shape[0], W.shape
+        adalog = site.role == "post_gelu" and self.opts.post_gelu == "adalog"
+        extra = None  # the exact grid of a reparameterized post-LN input joins the candidates
+        if isinstance(site.quantizer, UniformQuantizer) and site.quantizer.channel_axis is None:
+            extra = (site.quantizer.scale, site.quantizer.zero_point)
+
+        def w_self(s, z):
+            return (uniform_fake(W[None], s[..., None], z[..., None], w_bits) - W).pow(2).mean(-1)
+
+        ws, wz = self.search.search_uniform(w_self, W.t(), w_bits, W.numel())
+        if a_bits is None:
+            act = None
+        elif adalog:
+            act = AdaLogQuantizer(a_bits, self.opts.r, self.opts.r, GELU_SHIFT, table=self.opts.table, name=site.name)
+            act.set_params(x.max() + GELU_SHIFT)
+        else:
+            rows = x.reshape(-1, 1)
+
+            def a_self(s, z):
+                return (uniform_fake(x[None], s[..., None], z[..., None], a_bits) - x).pow(2).mean((1, 2))[:, None]
+
+            act = _uniform(a_bits, *self.search.search_uniform(a_self, rows, a_bits, x.numel(),
+                                                               [extra] if extra is not None else []), site.name)
+
+        for _ in range(self.opts.rounds):
+            if adalog:
+                self._search_post_gelu(act, x, uniform_fake(W, ws[:, None], wz[:, None], w_bits), bias, y)
+            xq = x if act is None else act.fake_quant(x)
+
+            def w_out(s, z):
+                wq = uniform_fake(W[None], s[..., None], z[..., None], w_bits)  # [k, out, in]
+                return (xq @ wq.transpose(1, 2) + (0 if bias is None else bias) - y).pow(2).mean(1)
+
+            ws, wz = self.search.search_uniform(w_out, W.t(), w_bits, n * c_out + W.numel(), [(ws, wz)])
+            if act is None or adalog:
+                continue
+            wq = uniform_fake(W, ws[:, None], wz[:, None], w_bits)
+
+            def a_out(s, z):
+                out = F.linear(uniform_fake(x[None], s[..., None], z[..., None], a_bits), wq, bias)
+                return (out - y).pow(2).mean((1, 2))[:, None]
+
+            starts = [(act.scale, act.zero_point)] + ([extra] if extra is not None else [])
+            act = _uniform(a_bits, *self.search.search_uniform(a_out, x.reshape(-1, 1), a_bits, n * (c_in + c_out),
+                                                               starts), site.name)
+        layer.weight_quantizer = _uniform(w_bits, ws, wz, f"{layer.name}.weight", channel_axis=0)
+        site.enabled, site.quantizer = act is not None, act
+
+    def _adalog_fake(self, x, s, q, bits, shift):
+        """The AdaLog quantizer's fake quantization for candidate (s, q) tensors. With the exact table
+        the search uses the closed form s·2^(−code·q/r), equal to the table form to 1 ulp and ~3×
+        faster; the installed quantizer uses the table form."""
+        codes, under = adalog_codes(x, s, q, self.opts.r, bits, shift)
+        if self.opts.table == "exact":
+            value = (torch.exp2(codes * (-torch.as_tensor(q, dtype=torch.float32) / self.opts.r)) * s).masked_fill_(under, 0.0)
+        else:
+            value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
+        return value - shift
+
+    def _search_post_gelu(self, act: AdaLogQuantizer, x, wq, bias, y) -> None:
+        """FPCS's combining search of (base, scale): the best top_k bases at the current scale, each
+        combined with scales across [P90 of the positive inputs, max] + shift, then refined."""
+        bits, n = act.bits, x.shape[0]
+        floats = n * (x.shape[1] + wq.shape[0])
+
+        def out_error(s, q):
+            xh = self._adalog_fake(x[None], s[..., None], q[..., None], bits, GELU_SHIFT)
+            return (F.linear(xh, wq, bias) - y).pow(2).mean((1, 2))[:, None]
+
+        qs = torch.arange(self.opts.q_range[0], self.opts.q_range[1] + 1, dtype=torch.float32)[:, None]
+        err = evaluate(out_error, act.scale.expand(len(qs), 1), qs, floats)
+        top_q = qs[err[:, 0].topk(min(self.opts.top_k, len(qs)), largest=False).indices]  # [k, 1]
+        pos = x[x > 0]
+        # the code's candidates: from the 90th percentile of the positive inputs to the maximum, + shift
+        lo = (torch.quantile(pos[:: -(-pos.numel() // 2**24)], 0.9) if pos.numel() else x.max()) + GELU_SHIFT
+        n_s = max(2, self.opts.candidates // len(top_q))
+        scales = torch.linspace(float(lo), float(x.max() + GELU_SHIFT), n_s).clamp_min(1e-8)
+        s0 = scales.repeat(len(top_q))[:, None]
+        q0 = top_q.repeat_interleave(n_s, dim=0)
+        delta = (scales[1] - scales[0]).abs().clamp_min(1e-8).reshape(1)
+        s, q = self.search.search(out_error, s0, q0, delta, floats)
+        act.set_params(s, int(q.item()))
+
+    # -- attention matmuls --------------------------------------------------------------------------
+    def _search_qk(self, attn: QuantAttention, q: torch.Tensor, k: torch.Tensor) -> None:
+        bits, y = self.config.a_bits, q @ k.transpose(-2, -1)
+        heads = lambda t: t.movedim(1, -1).reshape(-1, t.shape[1])  # noqa: E731
+        bc = lambda p: p[:, None, :, None, None]  # noqa: E731  [k, H] -> [k, 1, H, 1, 1]
+        qs, ks = _minmax(heads(q), bits), _minmax(heads(k), bits)
+        floats = y.numel() + q.numel()
+        for _ in range(self.opts.rounds):
+            kq = uniform_fake(k, ks[0][:, None, None], ks[1][:, None, None], bits)
+
+            def q_err(s, z):
+                return ((uniform_fake(q[None], bc(s), bc(z), bits) @ kq.transpose(-2, -1)) - y).pow(2).mean((1, 3, 4))
+
+            qs = self.search.search_uniform(q_err, heads(q), bits, floats, [qs])
+            qq = uniform_fake(q, qs[0][:, None, None], qs[1][:, None, None], bits)
+
+            def k_err(s, z):
+                return ((qq @ uniform_fake(k[None], bc(s), bc(z), bits).transpose(-2, -1)) - y).pow(2).mean((1, 3, 4))
+
+            ks = self.search.search_uniform(k_err, heads(k), bits, floats, [ks])
+        attn.q_site.quantizer = _uniform(bits, *qs, attn.q_site.name, channel_axis=1)
+        attn.k_site.quantizer = _uniform(bits, *ks, attn.k_site.name, channel_axis=1)
+
+    def _search_softmax_v(self, attn: QuantAttention, probs: torch.Tensor, v: torch.Tensor) -> None:
+        bits, y = self.config.a_bits, probs @ v
+        heads = v.movedim(1, -1).reshape(-1, v.shape[1])
+        vs = _minmax(heads, bits)
+        one = torch.ones(1, 1)
+        qs = torch.arange(self.opts.q_range[0], self.opts.q_range[1] + 1, dtype=torch.float32)[:, None]
+        floats = probs.numel() + y.numel()
+        best_q = self.opts.r
+        for _ in range(self.opts.rounds):
+            vq = uniform_fake(v, vs[0][:, None, None], vs[1][:, None, None], bits)
+
+            def q_err(s, q):  # s = 1 (softmax ≤ 1), one base for the whole layer
+                a = self._adalog_fake(probs[None], s[..., None, None, None], q[..., None, None, None], bits, 0.0)
+                return (a @ vq - y).pow(2).mean((1, 2, 3, 4))[:, None]
+
+            err = evaluate(q_err, one.expand(len(qs), 1), qs, floats)
+            best_q = int(qs[err[:, 0].argmin(), 0])
+            pq = self._adalog_fake(probs, torch.tensor(1.0), best_q, bits, 0.0)
+
+            def v_err(s, z):
+                return ((pq @ uniform_fake(v[None], s[:, None, :, None, None], z[:, None, :, None, None], bits)) - y
+                        ).pow(2).mean((1, 3, 4))
+
+            vs = self.search.search_uniform(v_err, heads, bits, floats, [vs])
+        soft = AdaLogQuantizer(bits, best_q, self.opts.r, table=self.opts.table, name=attn.softmax_site.name)
+        soft.set_params(1.0)
+        attn.softmax_site.quantizer = soft
+        attn.v_site.quantizer = _uniform(bits, *vs, attn.v_site.name, channel_axis=1)
+
+    # -- bias reparameterization --------------------------------------------------------------------
+    @staticmethod
+    def _fold_post_gelu_shifts(qmodel) -> None:
+        for layer in qmodel.weight_layers().values():
+            q = layer.input_site.quantizer
+            if isinstance(q, AdaLogQuantizer) and q.shift and not q.shift_folded:
+                # fold with the weight the layer will compute with (what freeze() writes), so exactly
+                fold_input_shift(layer, q.shift, layer.weight_quantizer(layer.weight))
+                q.shift_folded = True
