@@ -214,8 +214,9 @@ def generate_calibration(model: nn.Module, data_cfg: dict | None = None, config:
     chunks = []
     try:
         sizes = [min(config.batch_size, config.n_images - s) for s in range(0, config.n_images, config.batch_size)]
-        with tqdm(total=config.steps * len(sizes), desc="generating calibration images (PSAQ-ViT)", unit="step",
-                  disable=not progress, leave=False) as bar:
+        # enable_grad: callers may be inside torch.no_grad() (an evaluation loop, a CLI wrapper)
+        with torch.enable_grad(), tqdm(total=config.steps * len(sizes), desc="generating calibration images "
+                                       "(PSAQ-ViT)", unit="step", disable=not progress, leave=False) as bar:
             for index, size in enumerate(sizes):
                 chunks.append(_generate_batch(model, hooks, data_cfg, config, size, index, (low, high), bar))
     finally:
