@@ -102,7 +102,8 @@ def _minmax(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _uniform(bits: int, s: torch.Tensor, z: torch.Tensor, name: str, channel_axis: int | None = None) -> UniformQuantizer:
     q = UniformQuantizer(bits, channel_axis=channel_axis, name=name)
-    q.set_params(s.reshape(-1) if channel_axis is not None else s.reshape(()), z.reshape(-1) if channel_axis is not None else z.reshape(()))
+    shape = (-1,) if channel_axis is not None else ()
+    q.set_params(s.reshape(shape), z.reshape(shape))
     return q
 
 
@@ -241,13 +242,17 @@ class AdaLog(Method):
         layer.weight_quantizer = _uniform(w_bits, ws, wz, f"{layer.name}.weight", channel_axis=0)
         site.enabled, site.quantizer = act is not None, act
 
+    def _q_candidates(self, device) -> torch.Tensor:
+        return torch.arange(self.opts.q_range[0], self.opts.q_range[1] + 1, dtype=torch.float32, device=device)[:, None]
+
     def _adalog_fake(self, x, s, q, bits, shift):
         """The AdaLog quantizer's fake quantization for candidate (s, q) tensors. With the exact table
         the search uses the closed form s·2^(−code·q/r), equal to the table form to 1 ulp and ~3×
         faster; the installed quantizer uses the table form."""
         codes, under = adalog_codes(x, s, q, self.opts.r, bits, shift)
         if self.opts.table == "exact":
-            value = (torch.exp2(codes * (-torch.as_tensor(q, dtype=torch.float32) / self.opts.r)) * s).masked_fill_(under, 0.0)
+            q = torch.as_tensor(q, dtype=torch.float32, device=x.device)
+            value = (torch.exp2(codes * (-q / self.opts.r)) * s).masked_fill_(under, 0.0)
         else:
             value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
         return value - shift
@@ -262,16 +267,17 @@ class AdaLog(Method):
             xh = self._adalog_fake(x[None], s[..., None], q[..., None], bits, GELU_SHIFT)
             return (F.linear(xh, wq, bias) - y).pow(2).mean((1, 2))[:, None]
 
-        qs = torch.arange(self.opts.q_range[0], self.opts.q_range[1] + 1, dtype=torch.float32)[:, None]
+        qs = self._q_candidates(x.device)
         err = evaluate(out_error, act.scale.expand(len(qs), 1), qs, floats)
         top_q = qs[err[:, 0].topk(min(self.opts.top_k, len(qs)), largest=False).indices]  # [k, 1]
         pos = x[x > 0]
         # the code's candidates: from the 90th percentile of the positive inputs to the maximum, + shift
         lo = (torch.quantile(pos[:: -(-pos.numel() // 2**24)], 0.9) if pos.numel() else x.max()) + GELU_SHIFT
         n_s = max(2, self.opts.candidates // len(top_q))
-        scales = torch.linspace(float(lo), float(x.max() + GELU_SHIFT), n_s).clamp_min(1e-8)
-        s0 = scales.repeat(len(top_q))[:, None]
-        q0 = top_q.repeat_interleave(n_s, dim=0)
+        scales = torch.linspace(float(lo), float(x.max() + GELU_SHIFT), n_s, device=x.device).clamp_min(1e-8)
+        # every base × every scale, and the current pair, so that a later round never ends worse
+        s0 = torch.cat([scales.repeat(len(top_q))[:, None], act.scale.reshape(1, 1)])
+        q0 = torch.cat([top_q.repeat_interleave(n_s, dim=0), qs.new_full((1, 1), act.q)])
         delta = (scales[1] - scales[0]).abs().clamp_min(1e-8).reshape(1)
         s, q = self.search.search(out_error, s0, q0, delta, floats)
         act.set_params(s, int(q.item()))
@@ -303,8 +309,7 @@ class AdaLog(Method):
         bits, y = self.config.a_bits, probs @ v
         heads = v.movedim(1, -1).reshape(-1, v.shape[1])
         vs = _minmax(heads, bits)
-        one = torch.ones(1, 1)
-        qs = torch.arange(self.opts.q_range[0], self.opts.q_range[1] + 1, dtype=torch.float32)[:, None]
+        one, qs = torch.ones(1, 1, device=v.device), self._q_candidates(v.device)
         floats = probs.numel() + y.numel()
         best_q = self.opts.r
         for _ in range(self.opts.rounds):
@@ -316,7 +321,7 @@ class AdaLog(Method):
 
             err = evaluate(q_err, one.expand(len(qs), 1), qs, floats)
             best_q = int(qs[err[:, 0].argmin(), 0])
-            pq = self._adalog_fake(probs, torch.tensor(1.0), best_q, bits, 0.0)
+            pq = self._adalog_fake(probs, one[0, 0], best_q, bits, 0.0)
 
             def v_err(s, z):
                 return ((pq @ uniform_fake(v[None], s[:, None, :, None, None], z[:, None, :, None, None], bits)) - y

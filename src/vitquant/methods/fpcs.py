@@ -54,10 +54,10 @@ def percentile_candidates(rows: torch.Tensor, bits: int, n_scale: int, n_zp: int
     qmax = 2**bits - 1
     ((lo_p, hi_p),) = candidate_ranges(rows, RangeRule("percentile", percentile=PERCENTILE))
     lo, hi = rows.amin(dim=0), rows.amax(dim=0)
-    t = torch.linspace(0, 1, n_scale)[:, None]
+    t = torch.linspace(0, 1, n_scale, device=rows.device)[:, None]
     lo_t, hi_t = lo_p + t * (lo - lo_p), hi_p + t * (hi - hi_p)  # [n_scale, G]
     scale = ((hi_t - lo_t) / qmax).clamp_min(_EPS)
-    offsets = torch.arange(n_zp, dtype=torch.float32)[:, None, None] - n_zp // 2
+    offsets = torch.arange(n_zp, dtype=torch.float32, device=rows.device)[:, None, None] - n_zp // 2
     zp = (torch.round(-lo_t / scale)[None] + offsets).clamp(0, qmax)  # [n_zp, n_scale, G]
     delta = scale[1] - scale[0] if n_scale > 1 else scale[0] / 4
     G = rows.shape[1]
@@ -88,7 +88,7 @@ class FPCS:
         """Best (scale [G], aux [G]) from first-stage candidates scale, aux [K, G]; δ [G] their spacing."""
         losses = evaluate(loss, scale, aux, floats_per_candidate)
         k = min(top_k or self.top_k, scale.shape[0])
-        offsets = torch.linspace(0, 1, self.n_new)[None, :, None] - 0.5
+        offsets = torch.linspace(0, 1, self.n_new, device=scale.device)[None, :, None] - 0.5
         for _ in range(self.steps - 1):
             keep = losses.topk(k, dim=0, largest=False).indices  # [k, G]
             scale, aux, losses = scale.gather(0, keep), aux.gather(0, keep), losses.gather(0, keep)
