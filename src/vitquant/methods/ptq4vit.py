@@ -158,7 +158,7 @@ class PTQ4ViT(Method):
             a_base = _minmax_step(x.abs().max(), ab)
         w_cands = self.mults[:, None] * _minmax_step(Wg.abs().amax(dim=(1, 2)), wb)[None]  # [K, groups]
         a_cands = (self.mults * a_base)[:, None]  # [K, 1]
-        s_w, s_a = w_cands[-1] / opts.beta, a_base  # start from min-max
+        s_a = a_base  # the first weight search sees min-max inputs, as in the code
         rows, per = x.shape[0], out // groups
 
         for _ in range(opts.rounds):
@@ -204,7 +204,6 @@ class PTQ4ViT(Method):
         ref = conv_fn(x, W, bias)
         gw = self._weights(cap.grad, conv.name)
         w_cands = self.mults[:, None] * _minmax_step(W.abs().amax(dim=(1, 2, 3)), wb)[None]  # per output channel
-        s_w = w_cands[-1] / self.opts.beta
         x_base = _minmax_step(x.abs().max(), ib) if ib else None
         s_x = x_base
         per_image = ref[0].numel()
