@@ -11,6 +11,7 @@ from vitquant.calibration.datafree import generated_calibration, is_generated_so
 from vitquant.config import QuantConfig
 from vitquant.errors import VitquantError
 from vitquant.methods import get_method
+from vitquant.methods.deployable import make_deployable
 from vitquant.methods.steps import freeze
 from vitquant.models import QuantizedModel, prepare
 from vitquant.profiling import measure
@@ -46,9 +47,11 @@ def quantize(
         calib = load_calibration(calib, data_config_for(model), n=config.calib_size, seed=config.seed)
     method = get_method(config.method)()
     qmodel = prepare(model, source=getattr(model, "vitquant_source", None), extra_sites=method.requires_sites)
+    qmodel.deployable = config.deployable  # steps.fit_activations then plans affine quantizers only
     torch.manual_seed(config.seed)
     with measure() as m:
         method.calibrate(qmodel, calib, config, progress=progress)
+        stand_ins = make_deployable(qmodel) if config.deployable else []
         freeze(qmodel)
     qmodel.config = config
     qmodel.stats = {
@@ -57,5 +60,6 @@ def quantize(
         "calibration_images": int(calib.images.shape[0]),
         "calibration_source": calib.source,
         **generation_stats,
+        **({"deployable_stand_ins": stand_ins} if config.deployable else {}),
     }
     return qmodel.eval()

@@ -43,6 +43,8 @@ class QuantConfig:
     calib_size: number of calibration images used (the papers use 32).
     seed: picks the calibration images and seeds any randomness in a method.
     options: method-specific options, validated by the method.
+    deployable: calibrate only quantizers an integer runtime runs exactly (affine grids of ≤ 8 bits), so
+        the exported ONNX model computes what was evaluated (see vitquant.methods.deployable).
     """
 
     method: str = "repq-vit"
@@ -52,6 +54,7 @@ class QuantConfig:
     calib_size: int = 32
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    deployable: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class QuantConfig:
             raise VitquantError(f"patch_embed_input_bits must be None or {MIN_BITS}..{MAX_BITS}, got {b!r}")
         if not isinstance(self.calib_size, int) or self.calib_size < 1:
             raise VitquantError(f"calib_size must be a positive integer, got {self.calib_size!r}")
+        if not isinstance(self.deployable, bool):
+            raise VitquantError(f"deployable must be True or False, got {self.deployable!r}")
         if self.version != CONFIG_VERSION:
             raise VitquantError(f"config version {self.version} is not supported (this vitquant reads {CONFIG_VERSION})")
         from vitquant.methods import get_method  # late: methods import config

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from vitquant.calibration.observer import ReservoirObserver
+from vitquant.methods.deployable import deployable_plan
 from vitquant.models.qmodules import ActSite
 from vitquant.models.quantized import QuantizedModel
 from vitquant.quantizers import Quantizer, RangeRule, UniformQuantizer
@@ -33,6 +34,8 @@ def fit_activations(
     a_bits: int, image_bits: int | None,
 ) -> None:
     """Give each enabled site the quantizer the plan picks for its role, fitted on its statistics."""
+    if getattr(qmodel, "deployable", False):  # QuantConfig(deployable=True): affine grids only
+        plan = deployable_plan(plan)
     for name, site in qmodel.act_sites().items():
         bits = image_bits if site.role == "image" else a_bits
         if bits is None:

@@ -1,0 +1,124 @@
+"""Command line for deployment, usable as `python -m vitquant.export …` and meant to be mounted in the
+main `vitquant` CLI (`add_subcommands(subparsers)`):
+
+    vitquant export QDIR --format onnx --out model.onnx [--scheme auto] [--bias auto] [--parity bundled]
+    vitquant eval model.onnx --backend onnxruntime            (or a quantized directory: exported on the fly)
+    vitquant cpu                                              (ISA, and the scheme export would pick)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from vitquant.errors import VitquantError
+
+
+def _quantized(path: str):
+    import vitquant
+    from vitquant.serialization import META
+
+    if not (Path(path) / META).is_file():
+        raise VitquantError(f"'{path}' is not a saved quantized model directory (no {META}); "
+                            "run `vitquant quantize … --out DIR` first")
+    return vitquant.load(path)
+
+
+def cmd_export(args) -> int:
+    from vitquant.export.onnx_qdq import export
+
+    if args.format != "onnx":
+        raise VitquantError(f"export format {args.format!r} is not supported; use --format onnx")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise VitquantError(f"output file '{out}' already exists; pass --force to replace it")
+    qmodel = _quantized(args.model)
+    report = export(qmodel, out, scheme=args.scheme, non_uniform=args.non_uniform, bias=args.bias)
+    text = report.to_markdown()
+    if args.parity:
+        from vitquant.export.parity import check_parity
+
+        par = check_parity(qmodel, args.parity, limit=args.limit, scheme=args.scheme, non_uniform=args.non_uniform,
+                           bias=args.bias)
+        text += "\n" + par.to_markdown()
+    if args.report:
+        Path(args.report).write_text(text, encoding="utf-8")
+    print(text if not args.quiet else f"exported {args.model} -> {out}")
+    return 0
+
+
+def runtime_model(path: str, threads: int | None = None):
+    """An OrtModel for a .onnx file, or for a quantized directory (exported to a temporary file)."""
+    from vitquant.export.runtime import OrtModel
+
+    if Path(path).is_file() and path.endswith(".onnx"):
+        return OrtModel(path, threads)
+    from vitquant.export.onnx_qdq import export
+
+    return OrtModel(export(_quantized(path)).model, threads)
+
+
+def cmd_eval(args) -> int:
+    import vitquant
+
+    model = runtime_model(args.model, args.threads)
+    res = vitquant.evaluate(model, args.data, limit=args.limit, progress=not args.quiet)
+    print(f"{args.model} [onnxruntime, {model.scheme or 'float'}]: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  "
+          f"on {res.source} ({res.n} images, {res.seconds:.1f} s)")
+    return 0
+
+
+def cmd_cpu(args) -> int:
+    from vitquant.export.isa import choose_scheme, detect_cpu
+
+    cpu = detect_cpu()
+    print(cpu.summary())
+    for bits in (8, 7):
+        s = choose_scheme(cpu, bits)
+        print(f"  {bits}-bit weights -> {s.name}: {s.reason}")
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    e = sub.add_parser("export", help="export a saved quantized model to ONNX (QDQ) for ONNX Runtime")
+    e.add_argument("model", help="a saved quantized model directory")
+    e.add_argument("--format", default="onnx", help="only 'onnx'")
+    e.add_argument("--out", required=True, help="the .onnx file to write")
+    e.add_argument("--scheme", default="auto", help="auto (ISA-aware), u8s8, u8u8 or u8s8-w7")
+    e.add_argument("--non-uniform", default="uniform8", choices=("uniform8", "float"),
+                   help="how quantizers without a QDQ form (log2, log√2, twin-uniform…) are exported")
+    e.add_argument("--bias", default="auto", choices=("auto", "int32", "float"),
+                   help="int32 (fastest) or float (bit-exact); auto: float for --deployable models")
+    e.add_argument("--parity", metavar="DATA", help="also compare simulation and ONNX Runtime on DATA")
+    e.add_argument("--limit", type=int, default=500, help="images for --parity (default 500)")
+    e.add_argument("--report", help="write the export (and parity) report as markdown here")
+    e.add_argument("--force", action="store_true")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate an .onnx model (or a quantized directory) in ONNX Runtime")
+    v.add_argument("model")
+    v.add_argument("--data", default="bundled")
+    v.add_argument("--limit", type=int)
+    v.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("cpu", help="this CPU's integer ISA and the scheme export picks")
+    c.set_defaults(func=cmd_cpu)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vitquant.export", description="ONNX export and ONNX Runtime")
+    add_subcommands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except VitquantError as e:
+        print(f"vitquant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

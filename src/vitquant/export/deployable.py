@@ -1,0 +1,120 @@
+"""Which simulated quantizers a QDQ graph can express, and the explicit rule for the ones it cannot.
+
+ONNX QuantizeLinear/DequantizeLinear express one thing: an affine integer grid x̂ = (q − z)·s with
+per-tensor or per-axis (s, z). vitquant's UniformQuantizer at ≤ 8 bits is exactly that. Log2/log√2
+(RepQ-ViT), twin-uniform (PTQ4ViT), adaptive-log and shift-log grids are not affine, so each one is
+exported by a stated rule, never silently:
+
+- "uniform8" (default): the 8-bit uniform grid over the *same range* the simulated grid covers. The
+  range is read off the quantizer itself (its outputs for −∞-like and +∞-like inputs), so the rule works
+  for any monotone quantizer a method registers. For post-softmax log grids this is [0, s]: 8-bit
+  uniform is what the u8 kernel runs anyway, finer than a log grid near s, coarser for tiny values.
+- "float": keep that tensor in float (no Q/DQ); the consuming matmul then runs in float.
+
+`QuantConfig(deployable=True)` avoids the question: calibration then only fits quantizers for which
+`exports_exactly` holds, so what is evaluated is what runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitquant.errors import VitquantError
+from vitquant.methods.deployable import exports_exactly, uniform_stand_in
+from vitquant.quantizers import Quantizer, UniformQuantizer
+
+NON_UNIFORM_RULES = ("uniform8", "float")
+__all__ = ["NON_UNIFORM_RULES", "ActQuant", "SiteExport", "activation_export", "describe", "exports_exactly"]
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How one activation tensor is quantized in the graph, on the uint8 grid ONNX Runtime's kernels want.
+
+    codes = clip(round(x / scale) + zero_point, qmin, qmax); qmin/qmax are the simulated grid's bounds
+    moved onto uint8 (a signed grid is shifted by 128, which changes nothing in x̂ = (q − z)·s).
+    """
+
+    scale: np.ndarray  # float32, shape () or (C,)
+    zero_point: np.ndarray  # uint8, same shape
+    axis: int | None  # channel axis of a per-channel quantizer, in the tensor's own layout
+    qmin: int
+    qmax: int
+    rule: str  # "exact" or "uniform8"
+    detail: str
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.axis is None or self.scale.size == 1
+
+    @property
+    def needs_clip(self) -> bool:
+        return (self.qmin, self.qmax) != ((-128, 127) if self.zero_point.dtype == np.int8 else (0, 255))
+
+    def as_int8(self) -> "ActQuant":
+        """The same grid on int8 codes (q − 128, z − 128): x̂ = (q − z)·s is unchanged."""
+        if self.zero_point.dtype == np.int8:
+            return self
+        zp = (self.zero_point.astype(np.int16) - 128).astype(np.int8)
+        return dataclasses.replace(self, zero_point=zp, qmin=self.qmin - 128, qmax=self.qmax - 128)
+
+
+@dataclass(frozen=True)
+class SiteExport:
+    """The export record of one activation site (shown in the export report)."""
+
+    site: str
+    role: str
+    simulated: str  # e.g. "uniform 8b asym per-tensor", "log_sqrt2 8b"
+    exported: str  # "exact", "uniform8 [lo, hi]", "float (...)", "disabled"
+
+
+def describe(q: Quantizer | None) -> str:
+    if q is None:
+        return "none"
+    if isinstance(q, UniformQuantizer):
+        gran = "per-tensor" if q.channel_axis is None else f"per-channel(axis {q.channel_axis})"
+        return f"uniform {q.bits}b {'sym' if q.symmetric else 'asym'} {gran}"
+    return f"{q.kind or type(q).__name__} {q.bits}b"
+
+
+def _uniform_grid(q: UniformQuantizer) -> ActQuant | None:
+    """The uint8 form of an affine grid, or None when its zero point cannot be a uint8."""
+    scale = q.scale.detach().double().cpu().numpy()
+    zp = q.zero_point.detach().double().cpu().numpy()
+    # a signed (symmetric) grid [−(2^(b−1)−1), 2^(b−1)−1] moves to uint8 by +128
+    shift = 128 if q.qmin < 0 else 0
+    zp_u8 = np.round(zp) + shift
+    lo, hi = q.qmin + shift, q.qmax + shift
+    if zp_u8.min() < 0 or zp_u8.max() > 255 or lo < 0 or hi > 255:
+        return None
+    axis = None if q.channel_axis is None or scale.size == 1 else q.channel_axis
+    shape = (-1,) if axis is not None else ()
+    return ActQuant(scale.astype(np.float32).reshape(shape), zp_u8.astype(np.uint8).reshape(shape), axis,
+                    lo, hi, "exact", "exact")
+
+
+def activation_export(q: Quantizer, rule: str) -> tuple[ActQuant | None, str]:
+    """(grid, description) for a fitted activation quantizer; grid None means "keep in float"."""
+    if rule not in NON_UNIFORM_RULES:
+        raise VitquantError(f"non-uniform export rule must be one of {NON_UNIFORM_RULES}, not {rule!r}")
+    if isinstance(q, UniformQuantizer) and q.bits <= 8:
+        grid = _uniform_grid(q)
+        if grid is not None:
+            return grid, "exact"
+        why = "zero point outside uint8"
+    elif isinstance(q, UniformQuantizer):
+        why = f"{q.bits}-bit grid"
+    else:
+        why = "no affine form"
+    if rule == "float":
+        return None, f"float ({why}; rule non_uniform='float')"
+    u = uniform_stand_in(q, 8)
+    if u is None:
+        return None, f"float ({why}; per-channel grid cannot be probed)"
+    grid = _uniform_grid(u)
+    lo, hi = float((grid.qmin - grid.zero_point) * grid.scale), float((grid.qmax - grid.zero_point) * grid.scale)
+    detail = f"uniform8 [{lo:.4g}, {hi:.4g}] ({why})"
+    return dataclasses.replace(grid, rule="uniform8", detail=detail), detail
