@@ -73,26 +73,30 @@ class Scheme:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str], int]:
+    """(model name, flags, physical cores) from /proc/cpuinfo text (x86 "flags", ARM "Features")."""
+    model, flags, cores, phys = "", set(), set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("flags", "Features"):
+            flags.update(value.split())
+        elif key == "model name" and not model:
+            model = value
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            cores.add((phys, value))
+    return model, frozenset(flags), len(cores)
+
+
 def _read_cpuinfo() -> tuple[str, frozenset[str], int]:
-    model, flags, cores = platform.processor() or platform.machine(), set(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            phys = "0"
-            for line in fh:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key in ("flags", "Features"):
-                    flags.update(value.split())
-                elif key == "model name":
-                    model = value
-                elif key == "physical id":
-                    phys = value
-                elif key == "core id":
-                    cores.add((phys, value))
-    except OSError:
-        pass
-    n = len(cores) or (os.cpu_count() or 1)
-    return model, frozenset(flags), n
+            model, flags, cores = parse_cpuinfo(fh.read())
+    except OSError:  # not Linux: no flags, the probe still tells the truth about saturation
+        model, flags, cores = "", frozenset(), 0
+    return model or platform.processor() or platform.machine(), flags, cores or (os.cpu_count() or 1)
 
 
 def probe_u8s8_saturation() -> bool | None:

@@ -6,6 +6,7 @@ deployed − simulated as noise: SQNR = 10·log10(Σ sim² / Σ (ort − sim)²)
 float32 rounding (> 100 dB); where a value lands within rounding noise of a grid boundary its code flips
 by one step and later layers inherit it, so per-layer SQNR decays with depth — the table shows where.
 
+"Identical" counts images whose logits agree to float rounding: no code flipped anywhere in them.
 The per-layer numbers come from a second export with every GEMM output exposed ("probes"); top-1 and
 agreement come from the plain export, so the probes cannot change what is measured.
 """
@@ -23,12 +24,16 @@ from vitquant.errors import VitquantError
 from vitquant.models import QuantizedModel
 
 
+IDENTICAL_RTOL = 1e-5  # float32 rounding of the same integer pipeline stays far below this
+
+
 @dataclass
 class ParityReport:
     n: int
     sim_top1: float | None  # percent, None without labels
     deployed_top1: float | None
     agreement: float  # percent of images with the same top-1 prediction
+    identical: float  # percent of images whose logits match to float rounding (no code flipped anywhere)
     logits_sqnr: float
     layers: dict[str, float] = field(default_factory=dict)  # GEMM name → SQNR dB
     export: Any = None  # the ExportReport of the plain model
@@ -42,7 +47,9 @@ class ParityReport:
         if self.sim_top1 is not None:
             lines.append(f"- top-1: simulated {self.sim_top1:.2f}%, deployed {self.deployed_top1:.2f}% "
                          f"(gap {self.top1_gap:+.2f} points)")
-        lines += [f"- top-1 agreement: {self.agreement:.2f}%", f"- logits SQNR: {self.logits_sqnr:.1f} dB", "",
+        lines += [f"- top-1 agreement: {self.agreement:.2f}%",
+                  f"- images with identical logits (to float rounding): {self.identical:.1f}%",
+                  f"- logits SQNR: {self.logits_sqnr:.1f} dB", "",
                   "| layer | SQNR (dB) |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.layers.items()]
         return "\n".join(lines) + "\n"
@@ -113,8 +120,10 @@ def check_parity(qmodel: QuantizedModel, data: Any = "bundled", *, limit: int | 
     sim_pred, ort_pred = sim.argmax(1), ort.argmax(1)
     top1 = (lambda p: float((p == labels).float().mean() * 100)) if labels is not None else (lambda p: None)
     noise = float(((ort.double() - sim.double()) ** 2).sum())
+    same = (ort - sim).abs().amax(1) <= IDENTICAL_RTOL * sim.abs().amax().clamp_min(1e-12)
     return ParityReport(
         n=int(images.shape[0]), sim_top1=top1(sim_pred), deployed_top1=top1(ort_pred),
         agreement=float((sim_pred == ort_pred).float().mean() * 100),
+        identical=float(same.float().mean() * 100),
         logits_sqnr=sqnr_db(float((sim.double() ** 2).sum()), noise),
         layers={k: sqnr_db(*v) for k, v in energy.items()}, export=plain)

@@ -218,7 +218,9 @@ class ViTGraph:
         """[B, gh·gw, D] patch tokens → [B·N, D] with class/register tokens and position embedding."""
         m, g = self.m, self.g
         dim = m.embed_dim
-        prefix = [t for t in (getattr(m, "cls_token", None), getattr(m, "reg_token", None)) if t is not None]
+        # timm's order: class, distillation (DeiT distilled), register tokens
+        names = ("cls_token", "dist_token", "reg_token")
+        prefix = [t for t in (getattr(m, n, None) for n in names) if isinstance(t, torch.Tensor)]
         if prefix:
             batch = g.op("Shape", [x], "batch_dim", start=0, end=1)
             shape = g.op("Concat", [batch, g.const([1, dim])], "prefix_shape", axis=0)
