@@ -162,3 +162,17 @@ def test_fpcs_refines_to_the_grid_optimum_and_never_loses_the_best():
     dense = torch.linspace(0.05, 0.6, 400)[:, None] * torch.tensor([1.0, 3.0, 0.2])  # brute force, z = 8
     e_dense = err(dense, torch.full_like(dense, 8.0)).min(0).values
     assert torch.all(e_best <= e_dense * 1.02)
+
+
+def test_reparam_head_rescues_outlier_channels_at_the_head(model_and_data, sqnr):
+    from vitquant.models.outliers import inject_ln_outliers
+
+    model, calib, x = model_and_data
+    stressed = inject_ln_outliers(model, 4, 30.0)
+    ref = stressed(x).detach()
+    plain = vitquant.quantize(stressed, QuantConfig.preset("w4a4", method="adalog", options=FAST), calib, progress=False)
+    head = vitquant.quantize(stressed, QuantConfig.preset("w4a4", method="adalog", options={**FAST, "reparam_head": True}),
+                             calib, progress=False)
+    assert head.act_sites()["head.input"].quantizer.channel_axis is None
+    with torch.no_grad():
+        assert sqnr(ref, head(x)) > sqnr(ref, plain(x)) + 3

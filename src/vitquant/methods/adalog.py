@@ -18,7 +18,8 @@ Recipe (calibration only; parallel: every layer's inputs and outputs come from t
 Options and their CPU-friendly defaults (the paper/code value in brackets): candidates 32 [128],
 top_k 4 [16; 32 in the post-GELU combining stage], steps 4 [6], rounds 2 [3], q_range (1, 138)
 [(10, 138)]. Pass {"candidates": 128, "top_k": 16, "steps": 6, "rounds": 3, "q_range": (10, 138)} for
-the official search.
+the official search. `reparam_head` (off, as in the paper) also reparameterizes the final norm → head
+input, as RepQ-ViT's option of that name.
 
 Deviations from the paper / official code:
 - The dequantization table is exact (2^(−j/37)); `table="rounded"` gives the code's table rounded to
@@ -64,6 +65,7 @@ class AdaLogOptions:
     table: str = "exact"
     post_gelu: str = "adalog"  # or "uniform" (the ablation)
     reparam_post_ln: bool = True
+    reparam_head: bool = False  # also the final norm → head input (not in the paper or code)
     fold_shift: bool = True
     max_rows: int = 4096  # rows (tokens) of a layer's input used by the search
     reconstruct: bool = False
@@ -121,8 +123,9 @@ class AdaLog(Method):
         self.table = mantissa_table(opts.r, config.a_bits, opts.table)
         self.gen = torch.Generator().manual_seed(config.seed)
         batches = list(calib.batches())
-        pairs = {p.linears[0]: p for p in qmodel.norm_pairs
-                 if opts.reparam_post_ln and qmodel.submodule(p.linears[0]).input_site.role == "post_ln"}
+        roles = {"post_ln"} if opts.reparam_post_ln else set()
+        roles |= {"head"} if opts.reparam_head else set()
+        pairs = {p.linears[0]: p for p in qmodel.norm_pairs if qmodel.submodule(p.linears[0]).input_site.role in roles}
         with torch.no_grad():
             for layers, attns in tqdm(self._groups(qmodel), desc="adalog search", disable=not progress, leave=False):
                 caps, attn_caps = capture(qmodel, layers, attns, batches, with_grad=False)
