@@ -20,6 +20,7 @@ def _calib(x):
 
 
 def _quantize(model, images, bits="w4a4", seed=0, **options):
+    options = {"clip_steps": 25, **options}  # the search is exercised; a finer grid only refines it
     config = QuantConfig.preset(bits, method="noisyquant", seed=seed, options=options)
     return vitquant.quantize(model, config, _calib(images), progress=False)
 
@@ -45,6 +46,8 @@ def test_layout_and_noise_range(tiny_vit, calib_images):
     assert sites["patch_embed.proj.input"].quantizer.bits == 8
     fc1 = q.submodule("blocks.0.mlp.fc1").weight_quantizer
     assert fc1.symmetric and fc1.channel_axis == 0
+    ablation = _quantize(tiny_vit, calib_images, noise="none")
+    assert type(ablation.act_sites()["blocks.0.mlp.fc1.input"].quantizer) is UniformQuantizer
     paper = _quantize(tiny_vit, calib_images, matmuls="float")
     assert not any(paper.act_sites()[f"blocks.0.attn.{s}"].enabled for s in ("q", "k", "v", "softmax"))
 

@@ -27,7 +27,8 @@ Choices and deviations:
   N₀ = (randn·2 − 1)·Δ, then a constant shift m searched over Δ·i/mean_steps, i ∈ [−mean_steps,
   mean_steps), then a multiplier r over i/range_steps, i ∈ [0, 2·range_steps), N = m + r·N₀, both by
   output MSE. The code's grids are clip_steps = 1000, mean_steps = 200, range_steps = 1000; the defaults
-  here are 10× coarser to stay fast on a CPU.
+  here are 10× coarser to stay fast on a CPU. `noise="none"` keeps only the clip search (the ablation
+  baseline: what the noisy bias adds on top of it).
 - Every search compares with the float layer output; the code compares with the output computed from
   the float input and the already-quantized weights.
 - The base quantizer is the narrow symmetric grid ±(2^(k−1) − 1); the code also allows −2^(k−1), which
@@ -57,7 +58,7 @@ _EPS = 1e-8
 
 @dataclass
 class NoisyQuantOptions:
-    noise: str = "uniform"  # "uniform": U(−Δ/2, Δ/2) (paper); "code": Gaussian + mean/range search (released code)
+    noise: str = "uniform"  # "uniform": U(−Δ/2, Δ/2) (paper); "code": the released code's search; "none": ablation
     matmuls: str = "uniform"  # "uniform": q/k/v/softmax by min-max (standard protocol); "float": as the paper
     clip_steps: int = 100  # clip grid absmax·i/clip_steps (code: 1000)
     mean_steps: int = 20  # noise="code" only (code: 200)
@@ -65,8 +66,8 @@ class NoisyQuantOptions:
     batch_size: int = 32  # images per capture forward (memory only)
 
     def __post_init__(self) -> None:
-        if self.noise not in ("uniform", "code"):
-            raise ValueError(f"noise must be 'uniform' or 'code', not {self.noise!r}")
+        if self.noise not in ("uniform", "code", "none"):
+            raise ValueError(f"noise must be 'uniform', 'code' or 'none', not {self.noise!r}")
         if self.matmuls not in ("uniform", "float"):
             raise ValueError(f"matmuls must be 'uniform' or 'float', not {self.matmuls!r}")
         if min(self.clip_steps, self.mean_steps, self.range_steps, self.batch_size) < 1:
@@ -148,7 +149,7 @@ class NoisyQuant(Method):
         base.set_params(torch.tensor(step), torch.tensor(0.0))
         site = layer.input_site
         site.enabled = True
-        if site.role == "head":  # the head is not a NoisyQuant layer
+        if site.role == "head" or opts.noise == "none":  # the head is not a NoisyQuant layer
             site.quantizer = base
             return
 
