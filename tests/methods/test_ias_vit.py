@@ -10,7 +10,7 @@ from vitquant.calibration import CalibrationSet
 from vitquant.calibration.engine import observe_float
 from vitquant.errors import VitquantError
 from vitquant.methods import get_method
-from vitquant.methods.ias_vit import paper_iters
+from vitquant.methods.ias_vit import cpu_iters, paper_iters
 from vitquant.methods.repq_vit import reparameterize_post_ln
 from vitquant.models import prepare
 from vitquant.quantizers import RangeRule, ShiftUniformLog2Quantizer, UniformQuantizer
@@ -82,6 +82,7 @@ def test_stage_two_is_lossless_while_weights_are_float(small_vit, calib_images):
 
 def test_options_schedule_and_warning(small_vit, calib_images):
     assert paper_iters(4, 4) == 1000 and paper_iters(3, 3) == 1000 and paper_iters(6, 6) == 200
+    assert cpu_iters(4, 4) == 200 and cpu_iters(6, 6) == 40 and cpu_iters(8, 4) == 200
     assert get_method("ias-vit").recommended_calib_size == 256
     with pytest.raises(VitquantError, match="stage1_inputs"):
         QuantConfig.preset("w4a4", method="ias-vit", options={"stage1_inputs": "random"})

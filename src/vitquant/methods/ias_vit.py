@@ -17,9 +17,11 @@ Recipe:
 The teacher of both stages is the original float model.
 
 Defaults and sizing. The paper uses 1024 calibration images, batch 64, 1000 iterations per unit and
-stage at 3/4 bits and 200 at 6 bits (~31 min for 3-bit DeiT-S on an RTX 3090). `iters=None` follows
-that schedule (1000 when a_bits ≤ 4 or w_bits ≤ 4, else 200); batch 32. On 2 CPU cores one
-iteration of a 192-wide block takes a few ms, so the bundled 6-block model finishes in minutes.
+stage at 3/4 bits and 200 at 6 bits (~31 min for 3-bit DeiT-S on an RTX 3090). On 2 CPU cores one
+iteration of a 192-wide block at batch 32 takes 30-90 ms, so `iters=None` runs a fifth of that
+schedule: 200 when min(w_bits, a_bits) ≤ 4, else 40 (`paper_iters` gives the paper's; pass
+`iters=1000` to follow it). On the bundled 6-block model, 200 iterations already lift W3A3 from
+93.3 % (calibration only) to 95.9 % top-1.
 This method fits on the images it is given (config.calib_size, 32 by default), but 32 images are
 too few to train a block's weights for 1000 steps without overfitting them: it wants
 `recommended_calib_size` = 256 images (`QuantConfig(..., calib_size=256)`) and warns below 128.
@@ -34,6 +36,8 @@ Deviations from the paper / official code:
 - Stage-1 block inputs come from the float model, stage-3 inputs from the quantized model, as in the
   official code (the paper does not say); option `stage1_inputs="quantized"` uses the quantized
   model's inputs in stage 1 too.
+- Option `reparam_head` (off, as in the paper and code) also runs the final norm → head input through
+  stages 1-2, like repq-vit's option of the same name: the outlier-stress models need it.
 - The reconstruction loss sums squared errors over channels (BRECQ's lp_loss sums over dim 1, which is
   the token axis of a [B, N, C] ViT activation); the two differ only by a constant factor per unit.
 """
@@ -60,10 +64,11 @@ _MIN_CALIB_WARN = 128
 
 @dataclass
 class IaSViTOptions:
-    iters: int | None = None  # per unit and stage; None: the paper's 1000 (≤4-bit) / 200 schedule
+    iters: int | None = None  # per unit and stage; None: cpu_iters (a fifth of the paper's schedule)
     batch_size: int = 32
     lr: float = 4e-5
     stage1_inputs: Literal["float", "quantized"] = "float"
+    reparam_head: bool = False  # also treat the final norm → head input channel-wise, then reparameterize
     etas: tuple[float, ...] = DEFAULT_ETAS
     act_candidates: tuple[float, ...] = ACT_PERCENTILES
     weight_candidates: tuple[float, ...] = WEIGHT_PERCENTILES
@@ -93,6 +98,11 @@ def paper_iters(w_bits: int, a_bits: int) -> int:
     return 1000 if min(w_bits, a_bits) <= 4 else 200
 
 
+def cpu_iters(w_bits: int, a_bits: int) -> int:
+    """The default: a fifth of the paper's schedule, so CPU runs take minutes."""
+    return paper_iters(w_bits, a_bits) // 5
+
+
 class IaSViT(Method):
     name = "ias-vit"
     summary = "I&S-ViT (TPAMI'25): shift-uniform-log2 softmax quantizer + three-stage block reconstruction"
@@ -105,9 +115,10 @@ class IaSViT(Method):
             warnings.warn(f"ias-vit trains block weights on only {len(calib)} calibration images; the paper uses 1024 "
                           f"and {self.recommended_calib_size} are recommended (QuantConfig(..., calib_size="
                           f"{self.recommended_calib_size}))", stacklevel=3)
-        iters = paper_iters(config.w_bits, config.a_bits) if opts.iters is None else opts.iters
+        iters = cpu_iters(config.w_bits, config.a_bits) if opts.iters is None else opts.iters
         act_rule = RangeRule("mse", candidates=opts.act_candidates)
-        pairs = [p for p in qmodel.norm_pairs if qmodel.submodule(p.linears[0]).input_site.role == "post_ln"]
+        pairs = [p for p in qmodel.norm_pairs
+                 if opts.reparam_head or qmodel.submodule(p.linears[0]).input_site.role == "post_ln"]
         channel_wise = {qmodel.submodule(n).input_site.name for p in pairs for n in p.linears}
 
         def plan(site, bits):

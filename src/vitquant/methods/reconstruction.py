@@ -162,6 +162,36 @@ def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size
     return torch.cat(ins), (torch.cat(outs) if with_output else None)
 
 
+FLOAT_CACHE_BYTES = 1 << 30  # above this, the float targets are recomputed unit by unit
+
+
+@torch.no_grad()
+def _float_targets(teacher: QuantizedModel, names: list[str], images: torch.Tensor,
+                   batch_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every unit's float input and output in one forward pass (instead of one pass per unit, which
+    costs O(units²) block forwards), or None when they would take more than FLOAT_CACHE_BYTES."""
+    store: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
+
+    def hook(name):
+        def save(_m, args, out):
+            store[name][0].append(args[0].detach())
+            store[name][1].append(out.detach())
+        return save
+
+    handles = [teacher.submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for i, x in enumerate(images.split(batch_size)):
+            teacher(x)
+            if i == 0:
+                per_image = sum(t.numel() * t.element_size() for ins, outs in store.values() for t in ins + outs) / len(x)
+                if per_image * len(images) > FLOAT_CACHE_BYTES:
+                    return None
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (torch.cat(ins), torch.cat(outs)) for n, (ins, outs) in store.items()}
+
+
 # -- training views ----------------------------------------------------------------------------------
 class _SiteView(nn.Module):
     """A site's quantizer during optimisation: differentiable, optionally dropped (QDrop)."""
@@ -195,7 +225,7 @@ def _weights_float(qmodel: QuantizedModel, on: bool) -> Iterator[None]:
 class _UnitTrainer:
     """Installs the training views of one unit, collects what learns, and restores the unit after."""
 
-    def __init__(self, unit: nn.Module, name: str, opts: ReconstructionOptions, gen: torch.Generator) -> None:
+    def __init__(self, unit: nn.Module, opts: ReconstructionOptions, gen: torch.Generator) -> None:
         self.unit, self.opts = unit, opts
         self.sites = [m for m in unit.modules() if isinstance(m, ActSite) and m.enabled and m.quantizer is not None]
         self.layers = [m for m in unit.modules() if isinstance(m, QuantLinear | QuantConv2d)]
@@ -275,14 +305,18 @@ def _mse(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_siz
     return total / targets.numel()
 
 
-def _reconstruct_unit(qmodel: QuantizedModel, teacher: QuantizedModel, name: str, images: torch.Tensor,
-                      opts: ReconstructionOptions, gen: torch.Generator, progress: bool) -> UnitResult:
+def _reconstruct_unit(qmodel: QuantizedModel, teacher: QuantizedModel, targets: dict | None, name: str,
+                      images: torch.Tensor, opts: ReconstructionOptions, gen: torch.Generator,
+                      progress: bool) -> UnitResult:
     t0 = time.perf_counter()
     unit = qmodel.submodule(name)
-    f_in, f_out = _capture(teacher, teacher.submodule(name), images, opts.batch_size, with_output=True)
+    if targets is not None:
+        f_in, f_out = targets.pop(name)
+    else:
+        f_in, f_out = _capture(teacher, teacher.submodule(name), images, opts.batch_size, with_output=True)
     x_in = f_in if opts.inputs == "float" else _capture(qmodel, unit, images, opts.batch_size, with_output=False)[0]
     mse_before = _mse(unit, x_in, f_out, opts.batch_size)
-    trainer = _UnitTrainer(unit, name, opts, gen)
+    trainer = _UnitTrainer(unit, opts, gen)
     try:
         groups = trainer.param_groups()
         if groups and opts.iters > 0:
@@ -332,8 +366,10 @@ def reconstruct_blocks(
     results = {}
     try:
         with _weights_float(qmodel, opts.weights == "float"):
-            for name in reconstruction_units(qmodel, images):
-                results[name] = _reconstruct_unit(qmodel, teacher, name, images, opts, gen, progress)
+            units = reconstruction_units(qmodel, images)
+            targets = _float_targets(teacher, units, images, opts.batch_size)
+            for name in units:
+                results[name] = _reconstruct_unit(qmodel, teacher, targets, name, images, opts, gen, progress)
     finally:
         qmodel.train(was_training)
     return results
