@@ -127,6 +127,8 @@ class NoisyQuant(Method):
             site.enabled, site.quantizer = quantize, None
             if quantize:
                 sites.append(site)
+        if not sites:
+            return
         observers = observe_float(qmodel, batches, sites=sites, seed=config.seed, progress=False)
         for site in sites:
             bits = config.patch_embed_input_bits if site.role == "image" else self.a_bits
