@@ -101,6 +101,12 @@ def test_save_load_round_trip(tiny_vit, calib_images, tmp_path, fold):
         assert torch.equal(back(x), q(x))
 
 
+def test_deployable_refuses_noisy_bias(tiny_vit, calib_images):
+    with pytest.raises(VitquantError, match="noise"):
+        vitquant.quantize(tiny_vit, QuantConfig.preset("w8a8", method="noisyquant", deployable=True),
+                          _calib(calib_images), progress=False)
+
+
 def test_invalid_options_are_refused():
     with pytest.raises(VitquantError, match="noise"):
         QuantConfig(method="noisyquant", options={"noise": "gaussian"})

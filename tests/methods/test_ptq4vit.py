@@ -60,6 +60,14 @@ def test_options(tiny_vit, calib_images):
         QuantConfig(method="ptq4vit", options={"metric": "kl"})
 
 
+def test_deployable_uses_plain_grids(tiny_vit, calib_images):
+    """Twin grids have no exact QDQ form: deployable=True searches the paper's no-twin ablation."""
+    config = QuantConfig.preset("w8a8", method="ptq4vit", deployable=True, options={**FAST, "rounds": 1})
+    q = vitquant.quantize(tiny_vit, config, _calib(calib_images), progress=False)
+    kinds = {site.quantizer.kind for site in q.act_sites().values() if site.enabled}
+    assert kinds == {"uniform"} and q.stats["deployable_stand_ins"] == []
+
+
 def test_save_load_round_trip(tiny_vit, calib_images, tmp_path):
     q = _quantize(tiny_vit, calib_images, rounds=1)
     vitquant.save(q, tmp_path / "q")

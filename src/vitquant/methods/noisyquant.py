@@ -104,6 +104,9 @@ class NoisyQuant(Method):
     def calibrate(self, qmodel, calib, config, progress=True) -> None:
         self.opts = opts = self.options(config)
         self.a_bits, self.seed = config.a_bits, config.seed
+        if getattr(qmodel, "deployable", False) and opts.noise != "none":
+            raise VitquantError("noisyquant: a noisy bias Q(x + N) − N has no exact ONNX QDQ form, so it cannot be "
+                                "calibrated with deployable=True; use deployable=False, or options={'noise': 'none'}")
         batches = list(calib.batches(opts.batch_size))
         fit_weights(qmodel, config.w_bits, RangeRule("minmax"), symmetric=True)
         self._fit_other_sites(qmodel, batches, config)

@@ -32,6 +32,8 @@ Deviations from the paper / official code:
 - The image input of the patch embedding stays float whatever `QuantConfig.patch_embed_input_bits` says
   (the site is recorded as disabled); `quantize_image=True` quantizes it at those bits, searched too.
 - The code's bias-correction flag is a no-op there (the call is commented out); not implemented.
+- `twin=False` is the paper's ablation (the code's `no_softmax`/`no_postgelu`): plain symmetric grids
+  there. `QuantConfig(deployable=True)` implies it, since twin grids have no exact ONNX QDQ form.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class PTQ4ViTOptions:
     batch_size: int = 8  # images per forward/backward pass while capturing (memory only)
     matmul_per_head: bool = False  # one scale per head for q, k, v (the official code's batching classes)
     quantize_image: bool = False  # quantize the patch-embedding input at config.patch_embed_input_bits
+    twin: bool = True  # False: plain symmetric grids for softmax/GELU outputs (the paper's ablation)
 
     def __post_init__(self) -> None:
         if self.metric not in ("hessian", "mse"):
@@ -101,6 +104,8 @@ class PTQ4ViT(Method):
         self.opts = opts = self.options(config)
         self.w_bits, self.a_bits = config.w_bits, config.a_bits
         self.image_bits = config.patch_embed_input_bits if opts.quantize_image else None
+        # twin uniform grids have no exact ONNX QDQ form: QuantConfig(deployable=True) searches plain ones
+        self.twin = opts.twin and not getattr(qmodel, "deployable", False)
         self.mults = torch.linspace(opts.alpha, opts.beta, opts.candidates)
         batches = list(calib.batches(opts.batch_size))
         attentions = [m for m in qmodel.model.modules() if isinstance(m, QuantAttention)]
@@ -149,7 +154,7 @@ class PTQ4ViT(Method):
         gw = gw.reshape(-1, out) if gw is not None else None
         groups = 3 if layer.name in self.qkv and out % 3 == 0 else 1  # qkv: one scale each for q, k, v
         Wg = W.reshape(groups, out // groups, -1)
-        twin = layer.input_site.role == "post_gelu"
+        twin = self.twin and layer.input_site.role == "post_gelu"
         if twin:  # the positive range is searched; the negative one is fixed (GELU's minimum)
             fq_act = lambda t, s: gelu_twin_fake_quant(t, s, ab)  # noqa: E731
             a_base = _minmax_step(x.max().clamp_min(0), ab)
@@ -251,18 +256,25 @@ class PTQ4ViT(Method):
         k_cands = self.mults[:, None] * step(cap.k)[None]
         s_q, s_k = self._search_matmul(cap.q, cap.k.transpose(-2, -1), cap.grad_scores, uniform, q_cands,
                                        uniform, k_cands, f"{attn.name} q·kᵀ")
-        # probs·V: twin uniform probs (split searched over {2^-i}), uniform V
-        twin = lambda t, s: softmax_twin_fake_quant(t, s, ab)  # noqa: E731
-        splits = torch.tensor([2.0**-i for i in range(SPLIT_EXPONENTS)])[:, None]
+        # probs·V: twin uniform probs (split searched over {2^-i}, initial split 0.01 as in the code), uniform V
         v_cands = self.mults[:, None] * step(cap.v)[None]
-        split, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, twin, splits, uniform, v_cands,
-                                         f"{attn.name} probs·v", a_init=torch.tensor([0.01]))
-        axis = 1 if per_head > 1 else None  # the q/k/v sites see [B, H, N, d]
-        for site, s in ((attn.q_site, s_q), (attn.k_site, s_k), (attn.v_site, s_v)):
+        if self.twin:
+            twin = lambda t, s: softmax_twin_fake_quant(t, s, ab)  # noqa: E731
+            splits = torch.tensor([2.0**-i for i in range(SPLIT_EXPONENTS)])[:, None]
+            s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, twin, splits, uniform, v_cands,
+                                           f"{attn.name} probs·v", a_init=torch.tensor([0.01]))
+        else:
+            p_cands = self.mults[:, None] * step(cap.probs)[None]
+            s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, uniform, p_cands, uniform, v_cands,
+                                           f"{attn.name} probs·v")
+        axis = 1 if per_head > 1 else None  # the sites see [B, H, N, ·]
+        for site, s in ((attn.q_site, s_q), (attn.k_site, s_k), (attn.v_site, s_v)) + (
+                () if self.twin else ((attn.softmax_site, s_p),)):
             site.quantizer, site.enabled = full_range_symmetric(ab, s if axis else s[0], axis, site.name), True
-        attn.softmax_site.quantizer = TwinUniformSoftmaxQuantizer(ab, name=attn.softmax_site.name)
-        attn.softmax_site.quantizer.set_split(float(split[0]))
-        attn.softmax_site.enabled = True
+        if self.twin:
+            attn.softmax_site.quantizer = TwinUniformSoftmaxQuantizer(ab, name=attn.softmax_site.name)
+            attn.softmax_site.quantizer.set_split(float(s_p[0]))
+            attn.softmax_site.enabled = True
 
     def _search_matmul(self, a, b, grad, fq_a, a_cands, fq_b, b_cands, what, a_init=None):
         """Alternate the scales of the two operands of O = a @ b ([B, H, ·, ·]); candidates are
