@@ -20,9 +20,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from vitquant.errors import VitquantError
-from vitquant.methods.deployable import exports_exactly, uniform_stand_in
+from vitquant.methods.deployable import exports_exactly, input_offset, output_range
 from vitquant.quantizers import Quantizer, UniformQuantizer
 
 NON_UNIFORM_RULES = ("uniform8", "float")
@@ -44,6 +45,7 @@ class ActQuant:
     qmax: int
     rule: str  # "exact" or "uniform8"
     detail: str
+    offset: float = 0.0  # added before quantizing: the stand-in of a quantizer computing Q(x + c)
 
     @property
     def per_tensor(self) -> bool:
@@ -96,6 +98,11 @@ def _uniform_grid(q: UniformQuantizer) -> ActQuant | None:
                     lo, hi, "exact", "exact")
 
 
+def _shifts(q: Quantizer) -> bool:
+    rng = output_range(q)
+    return rng is not None and rng[1] > rng[0] and input_offset(q, *rng) != 0.0
+
+
 def activation_export(q: Quantizer, rule: str) -> tuple[ActQuant | None, str]:
     """(grid, description) for a fitted activation quantizer; grid None means "keep in float"."""
     if rule not in NON_UNIFORM_RULES:
@@ -109,12 +116,16 @@ def activation_export(q: Quantizer, rule: str) -> tuple[ActQuant | None, str]:
         why = f"{q.bits}-bit grid"
     else:
         why = "no affine form"
-    if rule == "float":
+    if rule == "float" and not _shifts(q):
         return None, f"float ({why}; rule non_uniform='float')"
-    u = uniform_stand_in(q, 8)
-    if u is None:
+    rng = output_range(q)
+    if rng is None or rng[1] <= rng[0]:
         return None, f"float ({why}; per-channel grid cannot be probed)"
-    grid = _uniform_grid(u)
-    lo, hi = float((grid.qmin - grid.zero_point) * grid.scale), float((grid.qmax - grid.zero_point) * grid.scale)
-    detail = f"uniform8 [{lo:.4g}, {hi:.4g}] ({why})"
-    return dataclasses.replace(grid, rule="uniform8", detail=detail), detail
+    u = UniformQuantizer(8, name=q.name)
+    u.set_range(torch.tensor(rng[0]), torch.tensor(rng[1]))
+    grid, c = _uniform_grid(u), input_offset(q, *rng)
+    z = float(grid.zero_point)
+    lo, hi = float((grid.qmin - z) * grid.scale), float((grid.qmax - z) * grid.scale)
+    shifted = f" of x {'+' if c >= 0 else '−'} {abs(c):.4g}" if c else ""
+    detail = f"uniform8 [{lo:.4g}, {hi:.4g}]{shifted} ({why})"
+    return dataclasses.replace(grid, rule="uniform8", detail=detail, offset=c), detail

@@ -29,7 +29,10 @@ def _ort():
 
 
 def session_options(threads: int | None = None, profile_prefix: str | None = None,
-                    optimized_path: str | None = None):
+                    optimized_path: str | None = None, spinning: bool = True):
+    """spinning=False: idle worker threads sleep instead of busy-waiting for the next run — slightly
+    slower for one session, but several sessions (or PyTorch) sharing the cores no longer steal each
+    other's CPU (benchmarks that interleave paths need it)."""
     from vitquant.export.isa import detect_cpu
 
     ort = _ort()
@@ -38,6 +41,8 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or detect_cpu(probe=False).physical_cores
     so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

@@ -20,15 +20,24 @@ import numpy as np
 import torch
 from onnx import TensorProto
 from torch import nn
+from torch.nn.utils import parametrize
 
 from vitquant.errors import VitquantError
 from vitquant.export.deployable import ActQuant, SiteExport, activation_export, describe, exports_exactly
 from vitquant.export.graph import GraphBuilder
 from vitquant.export.isa import Scheme
+from vitquant.models.qmodules import ActSite
+from vitquant.quantizers import UniformQuantizer
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
+
+
+def parametrize_site(site: ActSite) -> bool:
+    """Sites registered as parametrizations quantize a parameter whenever it is read: the graph reads
+    the parameter, so its constant is already the quantized value."""
+    return site.role in ("embed", "pos_embed") and site.name in ("cls_token", "reg_token", "pos_embed")
 
 
 def _is_identity(m: nn.Module | None) -> bool:
@@ -59,12 +68,26 @@ class ViTGraph:
         if not site.enabled or q is None:
             self.sites.append(SiteExport(site.name, site.role, describe(q), "float (site disabled by the method)"))
             return None
-        grid, detail = activation_export(q, self.rule)
+        if getattr(q, "from_scores", False):  # an integer softmax (FQ-ViT's Log-Int-Softmax): no QDQ form
+            u = UniformQuantizer(8, name=site.name)
+            u.set_range(torch.tensor(0.0), torch.tensor(1.0))
+            grid, detail = (None, "float (integer softmax; rule non_uniform='float')") if self.rule == "float" else (
+                activation_export(u, self.rule)[0], "uniform8 [0, 1] (float softmax; integer softmax has no QDQ form)")
+        else:
+            grid, detail = activation_export(q, self.rule)
         self.sites.append(SiteExport(site.name, site.role, describe(q), detail))
         return grid
 
+    def site(self, x: str, module: nn.Module | None, name: str) -> str:
+        """Apply an optional ActSite (the adapter's opt-in extra sites: residual stream, branch outputs…)."""
+        if not isinstance(module, ActSite):
+            return x
+        return self.fake(x, self.grid(module), name)
+
     def quant(self, x: str, grid: ActQuant, name: str, axis: int | None = None) -> str:
         g = self.g
+        if grid.offset:  # the stand-in of a quantizer that shifts its input (see deployable.py)
+            x = g.op("Add", [x, g.const(grid.offset, np.float32)], f"{name}.shift")
         q = g.quantize(x, grid.scale, grid.zero_point, None if grid.per_tensor else (axis if axis is not None else grid.axis), name)
         if grid.needs_clip:  # a grid narrower than its 8-bit type (fewer bits, or a narrow signed grid)
             dt = grid.zero_point.dtype
@@ -75,8 +98,22 @@ class ViTGraph:
         scale = (grid.scale.astype(np.float64) * scale_mult).astype(np.float32)
         return self.g.dequantize(q, scale, grid.zero_point, None if grid.per_tensor else (axis if axis is not None else grid.axis), name)
 
-    def fake(self, x: str, grid: ActQuant | None, name: str) -> str:
-        return x if grid is None else self.dequant(self.quant(x, grid, name), grid, name)
+    def fake(self, x: str, grid: ActQuant | None, name: str, matmul_rank: int | None = None) -> str:
+        """Q → DQ. matmul_rank: x is an operand of a batched activation MatMul of that rank; a per-channel
+        grid there is dequantized with Cast/Sub/Mul, because ORT would fuse DequantizeLinear → MatMul into
+        a QLinearMatMul whose kernel then rejects per-channel zero points (ORT 1.31)."""
+        if grid is None:
+            return x
+        q = self.quant(x, grid, name)
+        if matmul_rank is None or grid.per_tensor:
+            return self.dequant(q, grid, name)
+        shape = [1] * matmul_rank
+        shape[grid.axis] = -1
+        g = self.g
+        zp = g.initializer(grid.zero_point.astype(np.float32).reshape(shape), f"{name}.zp_f")
+        sc = g.initializer(grid.scale.astype(np.float32).reshape(shape), f"{name}.scale_f")
+        centered = g.op("Sub", [g.op("Cast", [q], f"{name}.codes", to=TensorProto.FLOAT), zp], f"{name}.centered")
+        return g.op("Mul", [centered, sc], f"{name}.dq")
 
     # -- GEMMs --------------------------------------------------------------------------------------
     def _weight_codes(self, layer) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -151,7 +188,8 @@ class ViTGraph:
     def linear(self, x: str, layer, name: str) -> str:
         """Input site (Q/DQ) + GEMM."""
         grid = self.grid(getattr(layer, "input_site", None))
-        return self.probe(name, self.gemm(self.fake(x, grid, f"{name}.input"), layer, name, grid))
+        y = self.probe(name, self.gemm(self.fake(x, grid, f"{name}.input"), layer, name, grid))
+        return self.site(y, getattr(layer, "output_site", None), f"{name}.output")
 
     def probe(self, name: str, value: str) -> str:
         if self.probes:
@@ -211,7 +249,8 @@ class ViTGraph:
         else:
             t = patchify(self.fake(x, grid, "patch_embed.input"))
         y = self.probe("patch_embed.proj", self.gemm(t, conv, "patch_embed.proj", grid))
-        y = self.norm(y, getattr(pe, "norm", None), "patch_embed.norm")
+        norm = getattr(pe, "norm", None)
+        y = self.site(y, norm, "patch_embed.output") if isinstance(norm, ActSite) else self.norm(y, norm, "patch_embed.norm")
         return self.reshape(y, [-1, gh * gw, self.m.embed_dim], "patch_tokens")
 
     def tokens(self, x: str) -> str:
@@ -220,13 +259,13 @@ class ViTGraph:
         dim = m.embed_dim
         # timm's order: class, distillation (DeiT distilled), register tokens
         names = ("cls_token", "dist_token", "reg_token")
-        prefix = [t for t in (getattr(m, n, None) for n in names) if isinstance(t, torch.Tensor)]
+        prefix = [t for t in (self.param(n) for n in names) if isinstance(t, torch.Tensor)]
         if prefix:
             batch = g.op("Shape", [x], "batch_dim", start=0, end=1)
             shape = g.op("Concat", [batch, g.const([1, dim])], "prefix_shape", axis=0)
             prefix = [g.op("Expand", [g.initializer(_np(t).astype(np.float32), "prefix_token"), shape], "prefix")
                       for t in prefix]
-        pos = getattr(m, "pos_embed", None)
+        pos = self.param("pos_embed")
         pos = None if pos is None else g.initializer(_np(pos).astype(np.float32), "pos_embed")
         if getattr(m, "no_embed_class", False):
             x = x if pos is None else g.op("Add", [x, pos], "pos_add")
@@ -235,6 +274,12 @@ class ViTGraph:
             x = g.op("Concat", [*prefix, x], "tokens", axis=1) if prefix else x
             x = x if pos is None else g.op("Add", [x, pos], "pos_add")
         return self.reshape(x, [-1, dim], "tokens_2d")
+
+    def param(self, name: str) -> torch.Tensor | None:
+        """A model parameter; the float graph reads the float original of a quantized (parametrized) one."""
+        if not self.quantized and parametrize.is_parametrized(self.m, name):
+            return getattr(self.m.parametrizations, name).original
+        return getattr(self.m, name, None)
 
     def heads(self, y: str, grid: ActQuant | None, norm, n: str, p: str, attn) -> str:
         """q/k/v [B·N, C] → [B, H, N, d] (k: Kᵀ [B, H, d, N]), quantized as the simulation does."""
@@ -252,7 +297,7 @@ class ViTGraph:
             t = self.transpose(t, perm, f"{p}.{n}.perm")
             return self.dequant(t, grid, f"{p}.{n}", scale_mult=scale)  # 1/√d folded into q's scale
         t = self.transpose(self.reshape(y, [-1, ntok, h, d], f"{p}.{n}.heads"), [0, 2, 1, 3], f"{p}.{n}.perm")
-        t = self.fake(self.norm(t, norm, f"{p}.{n}_norm"), grid, f"{p}.{n}")  # the simulation's layout
+        t = self.fake(self.norm(t, norm, f"{p}.{n}_norm"), grid, f"{p}.{n}", matmul_rank=4)  # the simulation's layout
         if n == "k":
             t = self.transpose(t, [0, 1, 3, 2], f"{p}.k.t")
         return g.op("Mul", [t, g.const(scale, np.float32)], f"{p}.q.scaled") if n == "q" else t
@@ -274,8 +319,10 @@ class ViTGraph:
                 grid = grid.as_int8()  # Kᵀ and V are the B operand: int8 selects the u8s8 kernel
             out[n] = self.heads(y, grid, {"q": attn.q_norm, "k": attn.k_norm}.get(n), n, p, attn)
         scores = g.op("MatMul", [out["q"], out["k"]], f"{p}.scores")
+        if getattr(attn, "scores_site", None) is not None:
+            scores = self.fake(scores, self.grid(attn.scores_site), f"{p}.scores_q")
         probs = g.op("Softmax", [scores], f"{p}.softmax", axis=-1)
-        probs = self.fake(probs, self.grid(getattr(attn, "softmax_site", None)), f"{p}.softmax")
+        probs = self.fake(probs, self.grid(getattr(attn, "softmax_site", None)), f"{p}.softmax", matmul_rank=4)
         o = g.op("MatMul", [probs, out["v"]], f"{p}.context")  # [B, H, N, d]
         proj_grid = self.grid(getattr(attn.proj, "input_site", None))
         merge = lambda t: self.reshape(self.transpose(t, [0, 2, 1, 3], f"{p}.merge.perm"), [-1, c], f"{p}.merge")  # noqa: E731
@@ -284,7 +331,8 @@ class ViTGraph:
             t = self.dequant(merge(self.quant(o, proj_grid, f"{p}.proj.input")), proj_grid, f"{p}.proj.input")
         else:
             t = self.fake(self.norm(merge(o), attn.norm, f"{p}.norm"), proj_grid, f"{p}.proj.input")
-        return self.probe(f"{p}.proj", self.gemm(t, attn.proj, f"{p}.proj", proj_grid))
+        y = self.probe(f"{p}.proj", self.gemm(t, attn.proj, f"{p}.proj", proj_grid))
+        return self.site(y, getattr(attn.proj, "output_site", None), f"{p}.proj.output")
 
     def mlp(self, x: str, mlp: nn.Module, p: str) -> str:
         act = mlp.act
@@ -296,10 +344,14 @@ class ViTGraph:
         return self.linear(h, mlp.fc2, f"{p}.fc2")
 
     def block(self, x: str, blk: nn.Module, p: str) -> str:
+        # the residual sites exist only in the adapter's QuantBlock (opt-in "residual" extra sites)
+        x = self.site(x, getattr(blk, "input_residual", None), f"{p}.input")
         a = self.attention(self.norm(x, blk.norm1, f"{p}.norm1"), blk.attn, f"{p}.attn")
         x = self.g.op("Add", [x, self.layer_scale(a, blk.ls1, f"{p}.ls1")], f"{p}.res1")
+        x = self.site(x, getattr(blk, "attn_residual", None), f"{p}.attn_residual")
         h = self.mlp(self.norm(x, blk.norm2, f"{p}.norm2"), blk.mlp, f"{p}.mlp")
-        return self.g.op("Add", [x, self.layer_scale(h, blk.ls2, f"{p}.ls2")], f"{p}.res2")
+        x = self.g.op("Add", [x, self.layer_scale(h, blk.ls2, f"{p}.ls2")], f"{p}.res2")
+        return self.site(x, getattr(blk, "mlp_residual", None), f"{p}.mlp_residual")
 
     def head(self, x: str) -> str:
         m, g = self.m, self.g
@@ -341,4 +393,18 @@ class ViTGraph:
         x = self.head(self.norm(x, m.norm, "norm"))
         g.add_output(x, "logits")
         g.outputs.insert(0, g.outputs.pop())  # logits first, then any probes
+        if self.quantized:
+            self._check_every_site_placed()
         return g.model(producer, metadata)
+
+    def _check_every_site_placed(self) -> None:
+        """A quantization point the walker does not know must stop the export, not vanish from it."""
+        placed = {s.site for s in self.sites}
+        for module in self.m.modules():
+            if isinstance(module, ActSite) and module.name not in placed:
+                if parametrize_site(module):  # quantized parameters (tokens, position embedding)
+                    self.sites.append(SiteExport(module.name, module.role, describe(module.quantizer),
+                                                 "exact (a quantized constant in the graph)"))
+                elif module.enabled:
+                    raise VitquantError(f"ONNX export: activation site {module.name!r} ({module.role}) is not placed "
+                                        "by the exporter; this model has a quantization point it does not know")

@@ -52,10 +52,25 @@ def output_range(q: Quantizer) -> tuple[float, float] | None:
     return min(float(out.min()), 0.0), max(float(out.max()), 0.0)
 
 
+def input_offset(q: Quantizer, lo: float, hi: float) -> float:
+    """c such that q(x) ≈ x + c on the unclamped part of [lo, hi]; 0 for quantizers that approximate
+    their input. Non-zero when a method folded a shift into the next layer (AdaLog's post-GELU
+    quantizer computes Q(x + 0.17) and fc2's bias subtracts W·0.17): a stand-in must shift too."""
+    ramp = torch.linspace(lo, hi, 4097)
+    with torch.no_grad():
+        out = q(ramp).double()
+    inside = (out > out.min()) & (out < out.max())  # where q is not clamped
+    if int(inside.sum()) < 64:
+        return 0.0
+    c = float((out[inside] - ramp[inside].double()).median())
+    return c if abs(c) > 0.02 * (hi - lo) else 0.0
+
+
 def uniform_stand_in(q: Quantizer, bits: int = 8) -> UniformQuantizer | None:
-    """The affine grid of `bits` bits over the range `q` covers (asymmetric, per-tensor), or None."""
+    """The affine grid of `bits` bits over the range `q` covers (asymmetric, per-tensor), or None when
+    there is none: per-channel non-affine grids, or a quantizer that shifts its input (input_offset)."""
     rng = output_range(q)
-    if rng is None or rng[1] <= rng[0]:
+    if rng is None or rng[1] <= rng[0] or input_offset(q, *rng) != 0.0:
         return None
     u = UniformQuantizer(min(bits, 8), name=q.name)
     u.set_range(torch.tensor(rng[0]), torch.tensor(rng[1]))
@@ -89,7 +104,8 @@ def make_deployable(qmodel: "QuantizedModel") -> list[str]:
         u = uniform_stand_in(q, q.bits)
         if u is None:
             raise VitquantError(f"deployable=True: site {name!r} uses a {type(q).__name__} with no uniform stand-in "
-                                "(per-channel non-affine grid); pick a method/plan with uniform quantizers there")
+                                "(a per-channel non-affine grid, or a shift folded into the next layer); pick a "
+                                "method whose quantizers are uniform there, or export without deployable=True")
         site.quantizer = u
         changed.append(f"{name}: {getattr(q, 'kind', type(q).__name__)} {q.bits}b → uniform {u.bits}b")
     for name, layer in qmodel.weight_layers().items():

@@ -1,0 +1,182 @@
+"""CPU speed of a deployed vitquant model against PyTorch and ONNX Runtime's own quantization.
+
+timm DeiT-T and DeiT-S at 224² (random weights: speed does not depend on them), batch 1 and 8:
+- PyTorch fp32 eager (the reference, torch.inference_mode, threads = physical cores);
+- ONNX Runtime fp32 (vitquant's float export, validated against PyTorch);
+- ONNX Runtime `quantize_static` on that float model, QDQ, per-channel int8 weights, uint8 activations,
+  MinMax calibration on the same images, MatMul/Gemm/Conv only (deployment.md: its fastest and most
+  faithful static setting; quantizing every op type is slower and damages the output), with and
+  without reduce_range; and `quantize_dynamic` (its fastest overall in deployment.md);
+- vitquant: RepQ-ViT W8A8 calibrated on 8 random images, exported with `vitquant.export`
+  (bias int32 = default for non-deployable models; bias float = bit-exact variant).
+Every path runs in every round, in rotated order; a round's ratio is PyTorch latency / path latency in
+that round, and the table shows medians over rounds (load from other processes hits all paths alike).
+
+    PYTHONPATH=src python benchmarks/speed.py            # → benchmarks/results/speed.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import timm
+import torch
+
+import vitquant
+from vitquant.export.isa import detect_cpu
+from vitquant.export.runtime import session
+
+MODELS = {"DeiT-T": "deit_tiny_patch16_224", "DeiT-S": "deit_small_patch16_224"}
+CALIB_IMAGES = 8
+
+
+def _ort_quantized(float_path: str, out_dir: Path, images: np.ndarray) -> dict[str, str]:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_dynamic, quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": images[i:i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = str(out_dir / "pre.onnx")
+    quant_pre_process(float_path, pre, skip_symbolic_shape=True)
+    paths = {}
+    for name, reduce_range in (("ORT quantize_static", False), ("ORT quantize_static reduce_range", True)):
+        paths[name] = str(out_dir / f"static_{reduce_range}.onnx")
+        quantize_static(pre, paths[name], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+    paths["ORT quantize_dynamic"] = str(out_dir / "dynamic.onnx")
+    quantize_dynamic(pre, paths["ORT quantize_dynamic"], per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+    return paths
+
+
+def build_paths(name: str, out_dir: Path, threads: int) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    images = torch.randn(CALIB_IMAGES, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    float_path = str(out_dir / "float.onnx")
+    vitquant.export(model, float_path)
+    qmodel = vitquant.quantize(model, vitquant.QuantConfig(calib_size=CALIB_IMAGES), images, progress=False)
+    vq = {b: str(out_dir / f"vitquant_{b}.onnx") for b in ("int32", "float")}
+    report = vitquant.export(qmodel, vq["int32"], bias="int32")
+    vitquant.export(qmodel, vq["float"], bias="float")
+    sessions = {"ONNX Runtime fp32": session(float_path, threads, spinning=False)}
+    for label, p in _ort_quantized(float_path, out_dir, images.numpy()).items():
+        sessions[label] = session(p, threads, spinning=False)
+    sessions["vitquant W8A8 (bias int32)"] = session(vq["int32"], threads, spinning=False)
+    sessions["vitquant W8A8 (bias float, bit-exact)"] = session(vq["float"], threads, spinning=False)
+    return model, {"sessions": sessions, "report": report}
+
+
+def time_round(fns: dict, reps: int, order: list[str]) -> dict[str, float]:
+    out = {}
+    for k in order:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fns[k]()
+            ts.append(time.perf_counter() - t)
+        out[k] = statistics.median(ts)
+    return out
+
+
+def bench(model: torch.nn.Module, sessions: dict, batch: int, rounds: int, reps: int) -> dict:
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    xn = x.numpy()
+
+    def torch_fp32():
+        with torch.inference_mode():
+            return model(x)
+
+    fns = {"PyTorch fp32": torch_fp32, **{k: (lambda s=s: s.run(None, {"input": xn})[0]) for k, s in sessions.items()}}
+    ref, cos = np.asarray(torch_fp32()), {}
+    for k, f in fns.items():  # also the warm-up (first runs allocate and prepack)
+        out = np.asarray(f())
+        cos[k] = float(np.sum(ref * out) / (np.linalg.norm(ref) * np.linalg.norm(out)))
+    names, lat = list(fns), {k: [] for k in fns}
+    ratio = {k: [] for k in fns}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        t = time_round(fns, reps, order)
+        for k in names:
+            lat[k].append(t[k])
+            ratio[k].append(t["PyTorch fp32"] / t[k])
+    return {k: {"ms": 1e3 * statistics.median(lat[k]), "ratio": statistics.median(ratio[k]),
+                "ratio_lo": min(ratio[k]), "ratio_hi": max(ratio[k]), "cos": cos[k]} for k in names}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.md"))
+    args = ap.parse_args()
+    cpu = detect_cpu()
+    threads = cpu.physical_cores
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    results, reports = {}, {}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in args.models:
+            out_dir = Path(tmp) / label
+            out_dir.mkdir()
+            model, built = build_paths(MODELS[label], out_dir, threads)
+            reports[label] = built["report"]
+            for b in args.batch:
+                print(f"{label} batch {b} …", flush=True)
+                results[(label, b)] = bench(model, built["sessions"], b, args.rounds, args.reps)
+    load_after = os.getloadavg()
+    write(args, results, reports, cpu, threads, load_before, load_after, time.time() - t0)
+
+
+def write(args, results, reports, cpu, threads, load_before, load_after, seconds) -> None:
+    keys = list(results)
+    paths = list(results[keys[0]])
+    lines = ["# CPU speed: vitquant's ONNX export vs PyTorch and ONNX Runtime's own quantization", "",
+             f"Generated by `benchmarks/speed.py` ({args.rounds} interleaved rounds × {args.reps} runs, "
+             f"{seconds / 60:.0f} min).", "",
+             f"- CPU: {cpu.summary()}",
+             f"- threads: {threads} (PyTorch intra-op and ONNX Runtime intra-op = physical cores)",
+             f"- software: Python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
+             f"{ort.__version__}, timm {timm.__version__}",
+             f"- load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} "
+             "logical CPUs" + (" — **the machine was shared with other jobs while this ran**; ratios are "
+                               "measured within each round so shared load hits every path alike, absolute "
+                               "latencies are inflated" if max(load_before[0], load_after[0]) > 0.5 else ""),
+             "", "Speedup = median over rounds of (PyTorch fp32 latency / path latency) in the same round "
+             "[min–max over rounds]; latency = median ms; cos = output cosine vs PyTorch fp32 (random "
+             "weights and calibration, so only a sanity check).", ""]
+    header = "| path | " + " | ".join(f"{m} bs{b}" for m, b in keys) + " |"
+    lines += [header, "|---" * (len(keys) + 1) + "|"]
+    for p in paths:
+        cells = [f"**{results[k][p]['ratio']:.2f}×** [{results[k][p]['ratio_lo']:.2f}–{results[k][p]['ratio_hi']:.2f}] "
+                 f"{results[k][p]['ms']:.0f} ms, cos {results[k][p]['cos']:.3f}" for k in keys]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    for label, rep in reports.items():
+        approx = rep.approximations()
+        lines += ["", f"vitquant export of {label}: scheme **{rep.scheme.name}** ({rep.scheme.reason}); "
+                  f"{rep.int8_gemms}/{len(rep.gemms)} GEMMs on integer kernels; {len(approx)} of "
+                  f"{len(rep.sites)} activation sites approximated ({', '.join(sorted({a.simulated for a in approx}))} "
+                  "→ uniform8, the exporter's rule for non-affine grids)."]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
