@@ -77,9 +77,9 @@ def write(out: str, rows, reports, seconds: float) -> None:
                      f"{bias} | {soft} | {t.sim_top1:.1f} | {t.deployed_top1:.1f} | {t.top1_gap:+.1f} | "
                      f"{t.agreement:.2f} / {tr.agreement:.2f}% | {tr.identical:.1f}% | {t.logits_sqnr:.1f} dB | "
                      f"{min(t.layers.values()):.1f} dB |")
-    key = next((k for k in reports if k[1:] == ("repq-vit", "w8a8", False, "int32")), None)
+    key = next((k for k in reports if k[1:] == ("repq-vit", "w8a8", False, "float")), None)
     if key is not None:
-        lines += ["", f"## Per-layer SQNR, {key[0]}, RepQ-ViT W8A8, default export (log√2 → uniform8, int32 bias)",
+        lines += ["", f"## Per-layer SQNR, {key[0]}, RepQ-ViT W8A8, default export (log√2 → uniform8, float bias)",
                   "", *reports[key].to_markdown().splitlines()[2:]]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,7 +1,7 @@
 """Command line for deployment, usable as `python -m vitquant.export …` and meant to be mounted in the
 main `vitquant` CLI (`add_subcommands(subparsers)`):
 
-    vitquant export QDIR --format onnx --out model.onnx [--scheme auto] [--bias auto] [--parity bundled]
+    vitquant export QDIR --format onnx --out model.onnx [--scheme auto] [--bias float] [--parity bundled]
     vitquant eval model.onnx --backend onnxruntime            (or a quantized directory: exported on the fly)
     vitquant cpu                                              (ISA, and the scheme export would pick)
 """
@@ -88,8 +88,8 @@ def add_subcommands(sub) -> None:
     e.add_argument("--scheme", default="auto", help="auto (ISA-aware), u8s8, u8u8 or u8s8-w7")
     e.add_argument("--non-uniform", default="uniform8", choices=("uniform8", "float"),
                    help="how quantizers without a QDQ form (log2, log√2, twin-uniform…) are exported")
-    e.add_argument("--bias", default="auto", choices=("auto", "int32", "float"),
-                   help="int32 (fastest) or float (bit-exact); auto: float for --deployable models")
+    e.add_argument("--bias", default="float", choices=("float", "int32"),
+                   help="float (default, bit-exact with the simulation) or int32 (inside the integer GEMM)")
     e.add_argument("--parity", metavar="DATA", help="also compare simulation and ONNX Runtime on DATA")
     e.add_argument("--limit", type=int, default=500, help="images for --parity (default 500)")
     e.add_argument("--report", help="write the export (and parity) report as markdown here")

@@ -27,7 +27,7 @@ from vitquant.export.vit_graph import ViTGraph
 from vitquant.models import QuantizedModel
 
 PRODUCER = "vitquant"
-BIAS_MODES = ("auto", "int32", "float")
+BIAS_MODES = ("float", "int32")
 FLOAT_TOLERANCE = 1e-4  # max |ONNX − PyTorch| relative to max |PyTorch| for the float graph
 
 
@@ -114,16 +114,17 @@ def check_float_graph(model: nn.Module, graph: onnx.ModelProto, batch: int = 2, 
 def export(
     model: nn.Module, path: str | Path | None = None, *, format: str = "onnx", scheme: str = "auto",
     non_uniform: str = "uniform8", cpu: CpuInfo | None = None, validate: bool = True, probes: bool = False,
-    bias: str = "auto",
+    bias: str = "float",
 ) -> ExportReport:
     """Write `model` (a QuantizedModel, or a float timm ViT) as ONNX and return what was written.
 
     scheme: "auto" (ISA-aware, see isa.py), "u8s8", "u8u8" or "u8s8-w7".
     non_uniform: "uniform8" or "float" — how quantizers without a QDQ form are exported (deployable.py).
     cpu: the target CPU (default: this machine). probes: also output every GEMM's result (parity).
-    bias: "int32" (quantized at s_x·s_w into the integer GEMM: fastest, what integer runtimes do),
-        "float" (added in float after it: bit-exact with the simulation, ~10% slower on DeiT-S), or
-        "auto": "float" for a model calibrated with deployable=True (exactness was asked for), else "int32".
+    bias: "float" (added in float after the integer GEMM: bit-exact with the simulation wherever the
+        grids are affine) or "int32" (quantized at s_x·s_w into the GEMM, as integer runtimes usually do:
+        one op fewer per layer, but every output moves by up to half an accumulator step and some codes
+        downstream flip — see benchmarks/results/export_parity.md; no measurable speed difference here).
     The ModelProto is in `report.model`; with `path` it is also saved there.
     """
     if format != "onnx":
@@ -142,7 +143,7 @@ def export(
     cpu = cpu or detect_cpu()
     chosen, walker, float_bias = None, float_graph, True
     if quantized:
-        chosen, float_bias = choose_scheme(cpu, _weight_bits(model), scheme), _float_bias(model, bias)
+        chosen, float_bias = choose_scheme(cpu, _weight_bits(model), scheme), bias == "float"
         walker = ViTGraph(_inner(model), quantized=True, scheme=chosen, non_uniform=non_uniform, probes=probes,
                           float_bias=float_bias)
         graph = walker.build(PRODUCER, _metadata(model, chosen))
@@ -151,12 +152,6 @@ def export(
         onnx.save(graph, str(path))
     return ExportReport(None if path is None else str(path), quantized, chosen, cpu.summary(), check,
                         walker.sites, walker.gemms, "float" if float_bias else "int32", graph)
-
-
-def _float_bias(qmodel: QuantizedModel, bias: str) -> bool:
-    if bias == "auto":
-        return bool(getattr(qmodel.config, "deployable", False))
-    return bias == "float"
 
 
 def _weight_bits(qmodel: QuantizedModel) -> int:
