@@ -54,7 +54,9 @@ def main() -> int:
         "recreating ImageNet ViTs' post-LayerNorm outlier channels, not a natural model.",
         "",
     ]
-    Path(args.out).write_text("\n".join(header) + render_accuracy(store.records) + "\n")
+    notes = HERE / "results" / "accuracy_notes.md"  # hand-written discussion, kept across regenerations
+    body = render_accuracy(store.records) + ("\n" + notes.read_text() if notes.exists() else "")
+    Path(args.out).write_text("\n".join(header) + body + "\n")
     print(f"wrote {args.out}")
     return 0
 

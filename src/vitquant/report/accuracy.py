@@ -37,7 +37,9 @@ def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | Non
         rows += [[m, *[_cell(summary.get((model, variant, m, b))) for b in bits]] for m in methods]
         out.append(format_table(["method", *bits], rows))
         out.append("")
-        out.append("Calibration wall time (s, mean) / peak resident memory of the process (MB):")
+        out.append("Calibration wall time (s, mean over seeds) / peak resident memory of the benchmark process "
+                   "during that calibration (MB, max over seeds; it includes PyTorch itself, ~1 GB, and memory "
+                   "kept by earlier runs, so it is an upper bound):")
         out.append("")
         cost = []
         for m in methods:
