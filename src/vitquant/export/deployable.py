@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ import torch
 from vitquant.errors import VitquantError
 from vitquant.methods.deployable import exports_exactly, input_offset, output_range
 from vitquant.quantizers import Quantizer, UniformQuantizer
+
+if TYPE_CHECKING:
+    from vitquant.export.isa import Scheme
 
 NON_UNIFORM_RULES = ("uniform8", "float")
 __all__ = ["NON_UNIFORM_RULES", "ActQuant", "SiteExport", "activation_export", "describe", "exports_exactly"]
@@ -129,3 +133,34 @@ def activation_export(q: Quantizer, rule: str) -> tuple[ActQuant | None, str]:
     shifted = f" of x {'+' if c >= 0 else '−'} {abs(c):.4g}" if c else ""
     detail = f"uniform8 [{lo:.4g}, {hi:.4g}]{shifted} ({why})"
     return dataclasses.replace(grid, rule="uniform8", detail=detail, offset=c), detail
+
+
+def weight_codes(layer, scheme: "Scheme") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes [N, K] in the scheme's dtype, scale [N], zero point [N]) of a layer's frozen weight,
+    or None when a zero point does not fit the scheme's weight type."""
+    wq, w = layer.weight_quantizer, layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    n = w.shape[0]
+    if scheme.weight_bits < wq.bits:  # re-quantize to the narrower symmetric grid (u8s8-w7)
+        qmax = 2 ** (scheme.weight_bits - 1) - 1
+        scale = (w.abs().amax(dim=1).double() / qmax).clamp_min(1e-12)
+        codes = torch.clamp(torch.round(w.double() / scale[:, None]), -qmax, qmax)
+        zp = torch.zeros(n, dtype=torch.float64)
+    else:
+        codes = wq.quantize(layer.weight.detach()).reshape(n, -1).double()
+        scale = torch.broadcast_to(wq.scale.detach().double().reshape(-1), (n,))
+        zp = torch.broadcast_to(wq.zero_point.detach().double().reshape(-1), (n,))
+        signed = wq.qmin < 0
+        if scheme.weight_dtype == "int8" and not signed:  # unsigned grid → centred int8 (same x̂)
+            half = 2 ** (wq.bits - 1)  # centring keeps |codes| ≤ 2^(b−1), which is what saturation needs
+            codes, zp = codes - half, zp - half
+        elif scheme.weight_dtype == "uint8" and signed:
+            codes, zp = codes + 128, zp + 128
+    dtype = np.int8 if scheme.weight_dtype == "int8" else np.uint8
+    info = np.iinfo(dtype)
+    if zp.min() < info.min or zp.max() > info.max:  # a channel whose grid does not hold 0
+        return None
+    return _np64(codes).astype(dtype), _np64(scale).astype(np.float32), _np64(zp).astype(dtype)
+
+
+def _np64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()

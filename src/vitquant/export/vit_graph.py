@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from vitquant.errors import VitquantError
-from vitquant.export.deployable import ActQuant, SiteExport, activation_export, describe, exports_exactly
+from vitquant.export.deployable import (ActQuant, SiteExport, activation_export, describe, exports_exactly,
+                                       weight_codes)
 from vitquant.export.graph import GraphBuilder
 from vitquant.export.isa import Scheme
 from vitquant.models.qmodules import ActSite
@@ -116,32 +117,6 @@ class ViTGraph:
         return g.op("Mul", [centered, sc], f"{name}.dq")
 
     # -- GEMMs --------------------------------------------------------------------------------------
-    def _weight_codes(self, layer) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(codes [N, K] in the scheme's dtype, scale [N], zero point [N]) of a layer's frozen weight,
-        or None when a zero point does not fit the scheme's weight type."""
-        wq, w = layer.weight_quantizer, layer.weight.detach().reshape(layer.weight.shape[0], -1)
-        n, scheme = w.shape[0], self.scheme
-        if scheme.weight_bits < wq.bits:  # re-quantize to the narrower symmetric grid (u8s8-w7)
-            qmax = 2 ** (scheme.weight_bits - 1) - 1
-            scale = (w.abs().amax(dim=1).double() / qmax).clamp_min(1e-12)
-            codes = torch.clamp(torch.round(w.double() / scale[:, None]), -qmax, qmax)
-            zp = torch.zeros(n, dtype=torch.float64)
-        else:
-            codes = wq.quantize(layer.weight.detach()).reshape(n, -1).double()
-            scale = torch.broadcast_to(wq.scale.detach().double().reshape(-1), (n,))
-            zp = torch.broadcast_to(wq.zero_point.detach().double().reshape(-1), (n,))
-            signed = wq.qmin < 0
-            if scheme.weight_dtype == "int8" and not signed:  # unsigned grid → centred int8 (same x̂)
-                half = 2 ** (wq.bits - 1)  # centring keeps |codes| ≤ 2^(b−1), which is what saturation needs
-                codes, zp = codes - half, zp - half
-            elif scheme.weight_dtype == "uint8" and signed:
-                codes, zp = codes + 128, zp + 128
-        dtype = np.int8 if scheme.weight_dtype == "int8" else np.uint8
-        info = np.iinfo(dtype)
-        if zp.min() < info.min or zp.max() > info.max:  # a channel whose grid does not hold 0
-            return None
-        return _np(codes).astype(dtype), _np(scale).astype(np.float32), _np(zp).astype(dtype)
-
     def gemm(self, x: str, layer, name: str, x_grid: ActQuant | None, rows: slice | None = None) -> str:
         """[M, K] → [M, N] Gemm. With a per-tensor quantized input (x is its DequantizeLinear) and an
         affine weight quantizer, A and W are DequantizeLinear(int) → Gemm, which ONNX Runtime turns into
@@ -156,7 +131,7 @@ class ViTGraph:
             pass
         elif x_grid is None or not x_grid.per_tensor:
             why = "float input" if x_grid is None else "per-channel input quantizer"
-        elif not exports_exactly(wq) or (weight := self._weight_codes(layer)) is None:
+        elif not exports_exactly(wq) or (weight := weight_codes(layer, self.scheme)) is None:
             why = "weight quantizer has no 8-bit affine form"
         else:
             codes, scale, zp = (a[rows] for a in weight)
