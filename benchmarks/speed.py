@@ -31,9 +31,22 @@ import torch
 
 import vitquant
 from vitquant.export.isa import detect_cpu
-from vitquant.export.runtime import session
+from vitquant.export.runtime import op_profile, session
 
 MODELS = {"DeiT-T": "deit_tiny_patch16_224", "DeiT-S": "deit_small_patch16_224"}
+# how time is split, by kind of op (ORT op types after its fusions; PyTorch aten ops)
+OP_KINDS = {  # in these graphs Linears/patch conv are Gemm-family ops, attention matmuls MatMul-family
+    "Linear + patch GEMMs": ("QGemm", "Gemm", "DynamicQuantizeMatMul", "MatMulInteger", "QLinearConv", "ConvInteger",
+                             "Conv", "aten::addmm", "aten::mm", "aten::convolution", "aten::_convolution",
+                             "aten::mkldnn_convolution"),
+    "attention (Q·Kᵀ, softmax, P·V)": ("MatMulIntegerToFloat", "QLinearMatMul", "MatMul", "FusedMatMul", "Softmax",
+                                       "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::softmax",
+                                       "aten::_softmax", "aten::scaled_dot_product_attention",
+                                       "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    "quantize / dequantize": ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"),
+    "GELU": ("Gelu", "BiasGelu", "FastGelu", "aten::gelu"),
+    "LayerNorm": ("LayerNormalization", "SkipLayerNormalization", "aten::layer_norm", "aten::native_layer_norm"),
+}
 CALIB_IMAGES = 8
 
 
@@ -73,11 +86,12 @@ def build_paths(name: str, out_dir: Path, threads: int) -> tuple[torch.nn.Module
     vitquant.export(qmodel, vq["int32"], bias="int32")
     report = vitquant.export(qmodel, vq["float"], bias="float")
     sessions = {"ONNX Runtime fp32": session(float_path, threads, spinning=False)}
-    for label, p in _ort_quantized(float_path, out_dir, images.numpy()).items():
+    ort_paths = _ort_quantized(float_path, out_dir, images.numpy())
+    for label, p in ort_paths.items():
         sessions[label] = session(p, threads, spinning=False)
     sessions["vitquant W8A8 (default: float bias)"] = session(vq["float"], threads, spinning=False)
     sessions["vitquant W8A8, int32 bias"] = session(vq["int32"], threads, spinning=False)
-    return model, {"sessions": sessions, "report": report}
+    return model, {"sessions": sessions, "report": report, "paths": {**ort_paths, "vitquant": vq["float"]}}
 
 
 def time_round(fns: dict, reps: int, order: list[str]) -> dict[str, float]:
@@ -117,6 +131,27 @@ def bench(model: torch.nn.Module, sessions: dict, batch: int, rounds: int, reps:
                 "ratio_lo": min(ratio[k]), "ratio_hi": max(ratio[k]), "cos": cos[k]} for k in names}
 
 
+def torch_profile(model: torch.nn.Module, batch: int, runs: int = 3) -> dict[str, float]:
+    """ms per run by aten op (self CPU time), PyTorch's own profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                model(x)
+    return {e.key: e.self_cpu_time_total / 1e3 / runs for e in prof.key_averages()}
+
+
+def by_kind(per_op: dict[str, float]) -> dict[str, float]:
+    """Share (percent) of each OP_KINDS group, and "other" (adds, transposes, copies, reshapes)."""
+    total = sum(per_op.values()) or 1.0
+    shares = {k: 100 * sum(v for op, v in per_op.items() if op in ops) / total for k, ops in OP_KINDS.items()}
+    shares["other (adds, transposes, copies)"] = 100 - sum(shares.values())
+    return shares
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
@@ -129,7 +164,7 @@ def main() -> None:
     threads = cpu.physical_cores
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
-    results, reports = {}, {}
+    results, reports, profiles = {}, {}, {}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.models:
@@ -140,11 +175,16 @@ def main() -> None:
             for b in args.batch:
                 print(f"{label} batch {b} …", flush=True)
                 results[(label, b)] = bench(model, built["sessions"], b, args.rounds, args.reps)
+            b = max(args.batch)
+            xb = np.random.default_rng(3).standard_normal((b, 3, 224, 224), dtype=np.float32)
+            profiles[(label, b)] = {"PyTorch fp32": by_kind(torch_profile(model, b)),
+                                    "ORT quantize_static": by_kind(op_profile(built["paths"]["ORT quantize_static"], xb)),
+                                    "vitquant W8A8": by_kind(op_profile(built["paths"]["vitquant"], xb))}
     load_after = os.getloadavg()
-    write(args, results, reports, cpu, threads, load_before, load_after, time.time() - t0)
+    write(args, results, reports, profiles, cpu, threads, load_before, load_after, time.time() - t0)
 
 
-def write(args, results, reports, cpu, threads, load_before, load_after, seconds) -> None:
+def write(args, results, reports, profiles, cpu, threads, load_before, load_after, seconds) -> None:
     keys = list(results)
     paths = list(results[keys[0]])
     lines = ["# CPU speed: vitquant's ONNX export vs PyTorch and ONNX Runtime's own quantization", "",
@@ -173,6 +213,12 @@ def write(args, results, reports, cpu, threads, load_before, load_after, seconds
                   f"{rep.int8_gemms}/{len(rep.gemms)} GEMMs on integer kernels; {len(approx)} of "
                   f"{len(rep.sites)} activation sites approximated ({', '.join(sorted({a.simulated for a in approx}))} "
                   "→ uniform8, the exporter's rule for non-affine grids)."]
+    for (label, b), prof in profiles.items():
+        kinds = list(next(iter(prof.values())))
+        lines += ["", f"Where the time goes, {label} batch {b} (percent of op time; ORT's profiler after its graph "
+                  "fusions, PyTorch's profiler by aten op):", "",
+                  "| op kind | " + " | ".join(prof) + " |", "|---" * (len(prof) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{p[k]:.0f}%" for p in prof.values()) + " |" for k in kinds]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -95,3 +95,25 @@ class OrtModel(nn.Module):
 def load_runtime(path: str | Path, threads: int | None = None) -> OrtModel:
     """Open an exported .onnx file for inference (`vitquant eval --backend onnxruntime`)."""
     return OrtModel(str(path), threads)
+
+
+def op_profile(model: Any, x: np.ndarray, runs: int = 3, threads: int | None = None) -> dict[str, float]:
+    """Milliseconds per run spent in each ONNX Runtime op type (after its graph optimizations), from
+    ORT's own profiler: where the time of a deployed model goes."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(model, threads, profile_prefix=os.path.join(tmp, "ort"), spinning=False)
+        for _ in range(runs + 1):
+            sess.run(None, {"input": x})
+        with open(sess.end_profiling(), encoding="utf-8") as fh:
+            events = json.load(fh)
+    per_op: dict[str, float] = {}
+    runs_seen = [e for e in events if e.get("name") == "model_run"]
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3
+    n = max(len(runs_seen), 1)
+    return {k: v / n for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
