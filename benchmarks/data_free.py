@@ -30,11 +30,11 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from vitquant.api import quantize  # noqa: E402
-from vitquant.bench import STRESS, ResultsStore  # noqa: E402
+from vitquant.bench import STRESS  # noqa: E402
 from vitquant.calibration.data import CalibrationSet, data_config_for, load_calibration, load_labeled  # noqa: E402
 from vitquant.calibration.datafree import (  # noqa: E402
     DataFreeConfig, PatchFeatureHooks, gaussian_calibration, generate_calibration, patch_similarity_entropy,
-    save_image_grid, smoothness_rms,
+    pixel_bounds, save_image_grid, smoothness_rms,
 )
 from vitquant.config import QuantConfig  # noqa: E402
 from vitquant.evaluate import predict_logits  # noqa: E402
@@ -47,7 +47,11 @@ D12 = HERE / "work" / "vit_mnist_d12.safetensors"
 CACHE = HERE / "work" / "data_free"
 RESULTS = HERE / "results"
 CALIBS = ("real", "psaq", "gaussian")
-CALIB_TITLES = {"real": "real (MNIST train)", "psaq": "PSAQ-generated", "gaussian": "Gaussian noise"}
+# "+range": the same calibration, then the input-image quantizer's range pinned to the valid pixel
+# range from the model's mean/std (known without data) instead of what the calibration images reached
+PINNED = ("psaq+range", "gaussian+range")
+CALIB_TITLES = {"real": "real (MNIST train)", "psaq": "PSAQ-generated", "gaussian": "Gaussian noise",
+                "psaq+range": "PSAQ + pixel-range input", "gaussian+range": "Gaussian + pixel-range input"}
 DISCUSSION = "<!-- discussion: hand-written, kept when the tables are regenerated -->"
 BITS_ORDER = ["W8A8", "W6A6", "W4A8", "W4A4", "W3A3"]
 
@@ -56,18 +60,28 @@ def _key(r: dict) -> tuple:
     return tuple(r.get(k) for k in ("kind", "model", "variant", "method", "bits", "calib", "seed", "steps"))
 
 
-class Store(ResultsStore):
-    """The sweep store of vitquant.bench, keyed also by record kind, calibration source and steps."""
+class Store:
+    """Finished records, one JSON line each (flushed and fsynced): an interrupted sweep resumes."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
+        self.path = path
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        if lines and not lines[-1].endswith("\n"):  # a line cut by a crash: drop it before appending more
+            lines.pop()
+            path.write_text("".join(lines))
+        self.records = [json.loads(line) for line in lines if line.strip()]
         self._done = {_key(r) for r in self.records}
 
     def done(self, rec: dict) -> bool:
         return _key(rec) in self._done
 
     def append(self, rec: dict) -> None:
-        super().append(rec)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(rec)
         self._done.add(_key(rec))
 
 
@@ -97,6 +111,7 @@ def generated(model, name: str, seed: int, steps: int, store: Store) -> Calibrat
 
 def calibration(source: str, model, name: str, seed: int, steps: int, store: Store) -> CalibrationSet:
     cfg = data_config_for(model)
+    source = source.removesuffix("+range")
     if source == "real":
         return load_calibration("bundled", cfg, n=32, seed=seed)
     if source == "gaussian":
@@ -132,11 +147,11 @@ def run(models: list[str], methods: list[str], bits: list[str], seeds: list[int]
         data = load_labeled("bundled", cfg)
         label = model_label(name)
         for seed in seeds:
-            for source in calibs:
+            for source in [c for c in calibs if c in CALIBS]:
                 calib = calibration(source, natural, name, seed, steps, store)
                 diagnose(natural, name, calib, source, seed, steps, store)
                 grid = RESULTS / f"data_free_{label}_{source}.png"
-                if seed == 0:
+                if seed == 0 and (source != "psaq" or steps == DataFreeConfig().steps):
                     save_image_grid(calib.images, cfg, grid)
         variants = [("natural", natural)] + ([(f"stress S={STRESS['factor']:g}", inject_ln_outliers(natural, **STRESS))]
                                              if stress else [])
@@ -151,16 +166,19 @@ def run(models: list[str], methods: list[str], bits: list[str], seeds: list[int]
                         for source in calibs:
                             rec = {"kind": "run", "model": name, "variant": variant, "method": method,
                                    "bits": b.upper(), "calib": source, "seed": seed,
-                                   "steps": steps if source == "psaq" else None}
+                                   "steps": steps if source.startswith("psaq") else None}
                             if store.done(rec):
                                 continue
                             calib = calibration(source, natural, name, seed, steps, store)
                             config = QuantConfig.preset(b, method=method, seed=seed, calib_size=32)
                             t0 = time.perf_counter()
                             q = quantize(model, config, calib, progress=False)
+                            if source in PINNED:
+                                pin_image_range(q, cfg)
                             seconds = time.perf_counter() - t0
                             logits = predict_logits(q, data, progress=False)
                             rec.update(top1=_top1(logits, data.labels), calib_seconds=round(seconds, 2),
+                                       sqnr_db=round(_sqnr_db(float_logits, logits), 2),
                                        agreement=(logits.argmax(1) == float_logits.argmax(1)).float().mean().item() * 100,
                                        machine=machine, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
                             store.append(rec)
@@ -168,17 +186,32 @@ def run(models: list[str], methods: list[str], bits: list[str], seeds: list[int]
                                   flush=True)
 
 
+def pin_image_range(qmodel, cfg: dict) -> None:
+    """Set the input-image quantizer to the pixel range [0, 1] in normalized units."""
+    low, high = pixel_bounds(cfg)
+    for site in qmodel.act_sites().values():
+        if site.role == "image" and site.enabled and hasattr(site.quantizer, "set_range"):
+            site.quantizer.set_range(low.min(), high.max())
+
+
+def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Logit SQNR against the float model on the test set: paired, so it resolves differences between
+    calibration sources that top-1 on 1000 images (± 0.5 points) cannot."""
+    return 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum().clamp_min(1e-12)).item()
+
+
 def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item() * 100
 
 
 # -- rendering ----------------------------------------------------------------------------------------
-def _spread(values: list[float]) -> str:
-    if not values:
+def _spread(rs: list[dict]) -> str:
+    if not rs:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+    top1, sqnr = [r["top1"] for r in rs], statistics.mean(r["sqnr_db"] for r in rs)
+    if len(rs) == 1:
+        return f"{top1[0]:.1f} · {sqnr:.1f} dB"
+    return f"{statistics.mean(top1):.1f} ({min(top1):.1f}–{max(top1):.1f}) · {sqnr:.1f} dB"
 
 
 def render(store: Store, steps: int) -> str:
@@ -219,22 +252,57 @@ def render(store: Store, steps: int) -> str:
     floats = {(r["model"], r["variant"]): r["top1"] for r in store.records if r["kind"] == "float"}
     for model, variant in dict.fromkeys((r["model"], r["variant"]) for r in runs):
         mine = [r for r in runs if r["model"] == model and r["variant"] == variant]
-        seeds = len({r["seed"] for r in mine})
+        seeds = {m: len({r["seed"] for r in mine if r["method"] == m}) for m in dict.fromkeys(r["method"] for r in mine)}
+        seeds_text = ", ".join(f"{n} for {', '.join(m for m in seeds if seeds[m] == n)}" for n in sorted(set(seeds.values()), reverse=True))
         flt = floats.get((model, variant))
         out += [f"## {model_label(model)} — {variant}" + (f" (float top-1 {flt:.2f})" if flt is not None else ""), "",
-                f"Top-1 % on the MNIST-5k test split (1000 images), mean (min–max) over {seeds} seed(s); "
-                "Δ = PSAQ − real, in points.", ""]
+                f"Top-1 % on the MNIST-5k test split (1000 images), mean (min–max) over the seeds ({seeds_text}) "
+                "· logit SQNR against the float model (dB, mean; higher = closer to float). Δ = PSAQ − real "
+                "top-1, in points.", ""]
         rows = []
+        present = [c for c in (*CALIBS, *PINNED) if any(r["calib"] == c for r in mine)]
         methods = list(dict.fromkeys(r["method"] for r in mine))
         for method in methods:
             for b in [b for b in BITS_ORDER if any(r["bits"] == b for r in mine)]:
-                cell = {c: [r["top1"] for r in mine if r["method"] == method and r["bits"] == b and r["calib"] == c]
-                        for c in CALIBS}
-                delta = (f"{statistics.mean(cell['psaq']) - statistics.mean(cell['real']):+.1f}"
+                cell = {c: [r for r in mine if r["method"] == method and r["bits"] == b and r["calib"] == c]
+                        for c in present}
+                if not any(cell.values()):
+                    continue
+                delta = (f"{statistics.mean(r['top1'] for r in cell['psaq']) - statistics.mean(r['top1'] for r in cell['real']):+.1f}"
                          if cell["psaq"] and cell["real"] else "–")
-                rows.append([method, b, *[_spread(cell[c]) for c in CALIBS], delta])
-        out += [format_table(["method", "bits", *[CALIB_TITLES[c] for c in CALIBS], "Δ"], rows), ""]
-    return "\n".join(out)
+                rows.append([method, b, *[_spread(cell[c]) for c in present], delta])
+        out += [format_table(["method", "bits", *[CALIB_TITLES[c] for c in present], "Δ"], rows), ""]
+    return "\n".join(out + render_steps(store))
+
+
+def render_steps(store: Store) -> list[str]:
+    """Ablation over generation length: the same seed and model at several `steps`."""
+    psaq = [r for r in store.records if r["kind"] == "run" and r["calib"] == "psaq" and r["variant"] == "natural"]
+    steps = sorted({r["steps"] for r in psaq})
+    if len(steps) < 2:
+        return []
+    out = ["## Generation length (natural models)", "",
+           "Same seeds, PSAQ images generated with more or fewer Adam steps: patch-similarity entropy and "
+           "confidence of the float model on the images, generation time, and top-1 · logit SQNR (dB).", ""]
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in psaq):
+        common = set.intersection(*({r["seed"] for r in psaq if r["model"] == model and r["steps"] == n} for n in steps))
+        for n in steps:
+            diag = [r for r in store.records if r["kind"] == "diagnostic" and r["model"] == model and r["calib"] == "psaq"
+                    and r["steps"] == n and r["seed"] in common]
+            gens = [r["seconds"] for r in store.records if r["kind"] == "generation" and r["model"] == model
+                    and r["steps"] == n and r["seed"] in common]
+            cells = []
+            for method, bits in dict.fromkeys((r["method"], r["bits"]) for r in psaq if r["model"] == model and r["steps"] == steps[0]):
+                rs = [r for r in psaq if (r["model"], r["method"], r["bits"], r["steps"]) == (model, method, bits, n)
+                      and r["seed"] in common]
+                cells.append((f"{method} {bits}", _spread(rs)))
+            rows.append([model_label(model), n, f"seeds {sorted(common)}",
+                         f"{statistics.mean(r['entropy'] for r in diag):.3f}" if diag else "–",
+                         f"{statistics.mean(r['confidence'] for r in diag):.3f}" if diag else "–",
+                         f"{statistics.mean(gens):.0f} s" if gens else "–", *[c[1] for c in cells]])
+    out += [format_table(["model", "steps", "seeds", "entropy", "confidence", "time", *[c[0] for c in cells]], rows), ""]
+    return out
 
 
 def main() -> int:
@@ -267,7 +335,7 @@ def main() -> int:
         f"({args.steps} steps), **Gaussian** = N(0, 1) in normalized space. 1000 test images → one standard "
         "error ≈ 0.5 points. **stress** rows: the function-preserving LayerNorm outlier variant (6 of 192 "
         "channels ×30), a stress test, not a natural model; it reuses the natural model's generated images "
-        "(same float function).", "",
+        "(same float function).", "", "",
     ]
     out = Path(args.out)
     # the hand-written discussion below the marker survives regeneration

@@ -207,7 +207,7 @@ def generate_calibration(model: nn.Module, data_cfg: dict | None = None, config:
     """
     config = config or DataFreeConfig()
     data_cfg = data_cfg or data_config_for(model)
-    low, high = _pixel_bounds(data_cfg)
+    low, high = pixel_bounds(data_cfg)
     was_training = model.training
     model.eval()
     hooks = PatchFeatureHooks(model)
@@ -279,7 +279,7 @@ def _lr(config: DataFreeConfig, step: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))) * config.lr
 
 
-def _pixel_bounds(data_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_bounds(data_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalized values of pixel 0 and 1 per channel, shaped [1, C, 1, 1]."""
     mean = torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -344,4 +344,4 @@ def generated_calibration(model: nn.Module, calib, n: int, seed: int, progress: 
 
 __all__ = ["DATA_FREE", "GAUSSIAN", "DataFreeConfig", "PatchFeatureHooks", "gaussian_calibration",
            "generate_calibration", "generated_calibration", "is_generated_source", "patch_similarity_entropy",
-           "save_image_grid", "smoothness_rms"]
+           "pixel_bounds", "save_image_grid", "smoothness_rms"]
