@@ -80,7 +80,8 @@ def cmd_cpu(args) -> int:
     return 0
 
 
-def add_subcommands(sub) -> None:
+def add_export_parser(sub) -> None:
+    """`export` — the main CLI mounts this as `vitquant export`."""
     e = sub.add_parser("export", help="export a saved quantized model to ONNX (QDQ) for ONNX Runtime")
     e.add_argument("model", help="a saved quantized model directory")
     e.add_argument("--format", default="onnx", help="only 'onnx'")
@@ -97,6 +98,16 @@ def add_subcommands(sub) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 
+
+def add_cpu_parser(sub) -> None:
+    c = sub.add_parser("cpu", help="this CPU's integer ISA and the scheme export picks")
+    c.set_defaults(func=cmd_cpu)
+
+
+def add_subcommands(sub) -> None:
+    """export, eval (ONNX Runtime only) and cpu: what `python -m vitquant.export` offers."""
+    add_export_parser(sub)
+    add_cpu_parser(sub)
     v = sub.add_parser("eval", help="evaluate an .onnx model (or a quantized directory) in ONNX Runtime")
     v.add_argument("model")
     v.add_argument("--data", default="bundled")
@@ -104,9 +115,6 @@ def add_subcommands(sub) -> None:
     v.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=cmd_eval)
-
-    c = sub.add_parser("cpu", help="this CPU's integer ISA and the scheme export picks")
-    c.set_defaults(func=cmd_cpu)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
