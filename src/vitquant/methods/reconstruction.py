@@ -33,6 +33,7 @@ weights and activations in two passes; this runs them jointly (QDrop's setting).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import contextmanager
@@ -127,8 +128,6 @@ def reconstruction_units(qmodel: QuantizedModel, example: torch.Tensor) -> list[
 
 def float_teacher(qmodel: QuantizedModel) -> QuantizedModel:
     """A frozen float copy: the targets stay those of the original model while `qmodel` changes."""
-    import copy
-
     teacher = copy.deepcopy(qmodel)
     for unit in [*teacher.act_sites().values(), *teacher.weight_layers().values()]:
         unit.bypass = True
