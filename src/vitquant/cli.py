@@ -31,7 +31,7 @@ def _config(args) -> "QuantConfig":
 
     w, a = parse_bits(args.bits)
     return QuantConfig(method=args.method, w_bits=w, a_bits=a, calib_size=args.calib_size, seed=args.seed,
-                       options=_parse_options(args.opt))
+                       options=_parse_options(args.opt), deployable=args.deployable)
 
 
 def _is_quantized_dir(path: str) -> bool:
@@ -82,6 +82,10 @@ def _float_reference(qmodel, hub: bool):
 def cmd_eval(args) -> int:
     import vitquant
 
+    if args.backend == "onnxruntime":
+        from vitquant.export.cli import cmd_eval as cmd_eval_ort
+
+        return cmd_eval_ort(args)
     if _is_quantized_dir(args.model):
         model = vitquant.load(args.model)
         float_model = _float_reference(model, args.float_reference)
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", default="w8a8", help="wXaY preset, e.g. w8a8, w4a4")
     q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--deployable", action="store_true",
+                   help="only quantizers ONNX Runtime runs exactly, so what is evaluated is what is exported")
     q.add_argument("--eval", metavar="DATA", help="also evaluate on DATA ('bundled' or an ImageFolder)")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -157,8 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="bundled", help="'bundled' or an ImageFolder directory")
     e.add_argument("--limit", type=int, help="evaluate on this many images only")
     e.add_argument("--float-reference", action="store_true", help="for timm-hub models, load the float model too")
+    e.add_argument("--backend", default="pytorch", choices=("pytorch", "onnxruntime"),
+                   help="pytorch (simulation) or onnxruntime (an .onnx file or a quantized dir, exported on the fly)")
+    e.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: physical cores)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    from vitquant.export.cli import add_cpu_parser, add_export_parser  # no onnx import until used
+
+    add_export_parser(sub)
+    add_cpu_parser(sub)
 
     ls = sub.add_parser("list", help="methods, presets and bundled models")
     ls.set_defaults(func=cmd_list)
