@@ -186,9 +186,14 @@ def main() -> None:
     write(args, results, reports, profiles, cpu, threads, load_before, load_after, time.time() - t0)
 
 
-def note(results, profiles) -> list[str]:
+def note(results, profiles, cpu) -> list[str]:
     """The ratio reached and what bounds it, from this run's own numbers."""
-    vq, ort_best = "vitquant W8A8 (default: float bias)", "ORT quantize_static"
+    vq = "vitquant W8A8 (default: float bias)"
+    # measured once with MatMulInteger on DeiT-S shapes (deployment.md has the non-VNNI numbers)
+    gemm_ceiling = ("The int8 GEMM itself runs at ~3× an fp32 GEMM on this CPU (u8s8 with VNNI: vpdpbusd does 4× "
+                    "the MACs of an fp32 FMA per instruction)" if cpu.has_vnni else
+                    "The int8 GEMM itself runs at ~2× an fp32 GEMM on this CPU (u8s8 without VNNI: "
+                    "vpmaddubsw + vpmaddwd, deployment.md)")
     out = ["", "## Reached, and what bounds it", ""]
     for (label, b), res in results.items():
         best_ort = max((k for k in res if k.startswith("ORT ")), key=lambda k: res[k]["ratio"])
@@ -204,8 +209,7 @@ def note(results, profiles) -> list[str]:
         out += ["", f"{label} batch {b}: the integer Linear GEMMs are now only {gemm:.0f}% of the int8 model's time "
                 f"(PyTorch fp32 spends {t['Linear + patch GEMMs']:.0f}% in its float ones). The rest — "
                 + ", ".join(f"{k} {v:.0f}%" for k, v in rest) + f" — bounds the ratio: even free GEMMs would give "
-                f"at most {r / max(1 - gemm / 100, 1e-6):.1f}× at this run's speed. The int8 GEMM itself runs "
-                "at ~3× an fp32 GEMM here (u8s8 with AVX512-VNNI: 64 MACs per instruction vs 16 for fp32 FMA); "
+                f"at most {r / max(1 - gemm / 100, 1e-6):.1f}× at this run's speed. " + gemm_ceiling + "; "
                 "attention matmuls are small batched products (197×64 per head) on which int8 gains less; "
                 "GELU (erf), softmax (exp), LayerNorm, the uint8 quantization of every GEMM input and the "
                 "residual adds stay float in ONNX Runtime and cost the same as in fp32 — fewer Q/DQ pairs "
@@ -246,7 +250,7 @@ def write(args, results, reports, profiles, cpu, threads, load_before, load_afte
                   f"{len(rep.sites)} activation sites approximated"
                   + (f" ({', '.join(sorted({a.simulated for a in approx}))} → uniform8)." if approx else
                      " (calibrated with deployable=True: the deployed model computes the simulated one).")]
-    lines += note(results, profiles)
+    lines += note(results, profiles, cpu)
     for (label, b), prof in profiles.items():
         kinds = list(next(iter(prof.values())))
         lines += ["", f"Where the time goes, {label} batch {b} (percent of op time; ORT's profiler after its graph "
