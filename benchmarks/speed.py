@@ -234,6 +234,9 @@ def write(args, results, reports, profiles, cpu, threads, load_before, load_afte
              "logical CPUs" + (" — **the machine was shared with other jobs while this ran**; ratios are "
                                "measured within each round so shared load hits every path alike, absolute "
                                "latencies are inflated" if max(load_before[0], load_after[0]) > 0.5 else ""),
+             *([f"- this CPU has VNNI, unlike the Zen3 AVX2 machine of deployment.md's table: on a CPU without "
+                "it, export picks u8u8 for 8-bit weights (u8s8 for ≤ 7-bit ones) and the int8 GEMM ceiling is "
+                "~2×, not ~3× — that path was not measured here"] if cpu.has_vnni else []),
              "", "Speedup = median over rounds of (PyTorch fp32 latency / path latency) in the same round "
              "[min–max over rounds]; latency = median ms; cos = output cosine vs PyTorch fp32 (random "
              "weights and calibration, so only a sanity check).", ""]
