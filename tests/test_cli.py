@@ -109,3 +109,17 @@ def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "vitquant.cli", "quantize", "--bits", "w9a9", "--out", "x"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "vitquant: error: bits preset 'w9a9': weight bits must be between 2 and 8, got 9"
+
+
+def test_quantize_data_free_keeps_the_generated_images(tmp_path, capsys):
+    model = _model_file(tmp_path)
+    out = tmp_path / "df"
+    rc = main(["quantize", "--model", str(model), "--calib", "data-free", "--calib-size", "8", "--bits", "w8a8",
+               "--method", "minmax", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert "generated calibration images" in capsys.readouterr().out
+    png = out / "calibration_images.png"
+    assert png.is_file() and Image.open(png).size[0] >= 28
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["stats"]["calibration_grid"] == "calibration_images.png"
+    assert "generation_seconds" in meta["stats"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,21 +49,40 @@ def cmd_quantize(args) -> int:
     if out.exists() and not args.force:
         raise VitquantError(f"output directory '{out}' already exists; pass --force to replace it")
     model = vitquant.load_model(args.model, args.checkpoint)
-    qmodel = vitquant.quantize(model, config, args.calib, progress=not args.quiet)
+    calib, files = args.calib, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if calib == "data-free":  # keep what the model "dreamed" beside the result
+            from vitquant.calibration.datafree import DataFreeConfig
+
+            files["calibration_images.png"] = Path(tmp) / "calibration_images.png"
+            calib = DataFreeConfig(n_images=config.calib_size, seed=config.seed,
+                                   grid_path=str(files["calibration_images.png"]))
+        qmodel = vitquant.quantize(model, config, calib, progress=not args.quiet)
+        if files:
+            qmodel.stats["calibration_grid"] = "calibration_images.png"  # inside the output directory
+        extra = _evaluate_for_report(args, qmodel, model)
+        vitquant.save(qmodel, out, force=args.force, extra=extra, extra_files=files)
+    s = qmodel.stats
+    print(f"quantized {args.model} with {config.method} {config.bits_name} on {s['calibration_source']} "
+          f"in {s['calibration_seconds']:.1f} s -> {out}")
+    if files:
+        print(f"generated calibration images: {out / 'calibration_images.png'}")
+    if extra:
+        e = extra["evaluation"]
+        print(f"top-1 {e['top1']:.2f}% (float {e['float_top1']:.2f}%), agreement with float {e['agreement']:.2f}%")
+    return 0
+
+
+def _evaluate_for_report(args, qmodel, model) -> dict:
+    import vitquant
+
     extra = {}
     if args.eval:
         res = vitquant.evaluate(qmodel, args.eval, float_model=model, progress=not args.quiet)
         flt = vitquant.evaluate(model, args.eval, progress=not args.quiet)
         extra["evaluation"] = {"data": res.source, "float_top1": flt.top1, "top1": res.top1, "top5": res.top5,
                                "agreement": res.agreement}
-    vitquant.save(qmodel, out, force=args.force, extra=extra)
-    s = qmodel.stats
-    print(f"quantized {args.model} with {config.method} {config.bits_name} on {s['calibration_source']} "
-          f"in {s['calibration_seconds']:.1f} s -> {out}")
-    if extra:
-        e = extra["evaluation"]
-        print(f"top-1 {e['top1']:.2f}% (float {e['float_top1']:.2f}%), agreement with float {e['agreement']:.2f}%")
-    return 0
+    return extra
 
 
 def _float_reference(qmodel, hub: bool):
@@ -143,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("--model", default="bundled", help="'bundled', a vitquant .safetensors model, or a timm name")
     q.add_argument("--checkpoint", help="weights for a timm model (.safetensors, or .pth loaded weights_only)")
-    q.add_argument("--calib", default="bundled", help="image folder, or 'bundled' (MNIST-5k)")
+    q.add_argument("--calib", default="bundled",
+                   help="image folder, 'bundled' (MNIST-5k), 'data-free' (PSAQ-ViT images generated from the "
+                        "model; saved as calibration_images.png) or 'gaussian' (noise baseline)")
     q.add_argument("--calib-size", type=int, default=32, help="calibration images (default 32)")
     q.add_argument("--method", default="repq-vit", help="see `vitquant list`")
     q.add_argument("--bits", default="w8a8", help="wXaY preset, e.g. w8a8, w4a4")

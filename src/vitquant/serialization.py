@@ -65,7 +65,9 @@ def _weight_codes(layer) -> torch.Tensor:
     return q.quantize(layer.weight.detach()).to(dtype)
 
 
-def save(qmodel: QuantizedModel, out: str | Path, force: bool = False, extra: dict[str, Any] | None = None) -> Path:
+def save(qmodel: QuantizedModel, out: str | Path, force: bool = False, extra: dict[str, Any] | None = None,
+         extra_files: dict[str, str | Path] | None = None) -> Path:
+    """extra: more JSON facts for quant_config.json; extra_files: {name in out/: file to copy there}."""
     if qmodel.config is None:
         raise VitquantError("only a calibrated model (from vitquant.quantize) can be saved")
     state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
@@ -83,6 +85,8 @@ def save(qmodel: QuantizedModel, out: str | Path, force: bool = False, extra: di
     with atomic_dir(out, force) as tmp:
         save_file(state, str(tmp / WEIGHTS))
         (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
     return Path(out)
 
 
