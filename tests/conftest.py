@@ -5,6 +5,10 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+# Tiny models gain nothing from intra-op threads, and OpenMP threads spin badly when the 2 cores are
+# shared with other jobs; one thread keeps the suite's time predictable.
+torch.set_num_threads(1)
+
 MNIST_CFG = dict(input_size=(1, 28, 28), mean=(0.1307,), std=(0.3081,), crop_pct=1.0, interpolation="bilinear")
 
 
