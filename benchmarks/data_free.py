@@ -220,14 +220,19 @@ def render(store: Store, steps: int) -> str:
     gens = [r for r in store.records if r["kind"] == "generation" and r["steps"] == steps]
     if gens:
         out += ["## Generation cost", "",
-                f"32 images, {steps} Adam steps (2 jitter rounds), {gens[0].get('threads')} torch threads on "
-                f"{gens[0].get('machine')} (a shared machine: other jobs ran at the same time, so times are upper bounds).",
-                ""]
+                f"32 images, {steps} Adam steps (2 jitter rounds), {gens[0].get('machine')}, torch threads: "
+                f"{gens[0].get('threads')}. During the sweep the machine was shared with other jobs (load average "
+                "5–15 on 2 cores), so those times are upper bounds; the `--time` rows were measured separately, "
+                "with the load average at the time.", ""]
         rows = []
         for name in dict.fromkeys(r["model"] for r in gens):
             secs = [r["seconds"] for r in gens if r["model"] == name]
-            rows.append([model_label(name), len(secs), f"{statistics.mean(secs):.1f}", f"{min(secs):.1f}–{max(secs):.1f}"])
-        out += [format_table(["model", "seeds", "seconds (mean)", "range"], rows), ""]
+            rows.append([model_label(name), f"sweep, {len(secs)} seeds", f"{statistics.mean(secs):.1f}",
+                         f"{min(secs):.1f}–{max(secs):.1f}", "–"])
+            for t in (r for r in store.records if r["kind"] == "timing" and r["model"] == name and r["steps"] == steps):
+                rows.append([model_label(name), f"--time, {t['threads']} thread(s)", f"{t['seconds']:.1f}", "–",
+                             f"{t['loadavg']:.1f}"])
+        out += [format_table(["model", "when", "seconds (mean)", "range", "load avg (1 min)"], rows), ""]
     diags = [r for r in store.records if r["kind"] == "diagnostic" and r.get("steps") == steps]
     if diags:
         out += ["## What the float model sees in each source", "",
@@ -269,39 +274,40 @@ def render(store: Store, steps: int) -> str:
                 if not any(cell.values()):
                     continue
                 delta = (f"{statistics.mean(r['top1'] for r in cell['psaq']) - statistics.mean(r['top1'] for r in cell['real']):+.1f}"
-                         if cell["psaq"] and cell["real"] else "–")
+                         if cell.get("psaq") and cell.get("real") else "–")
                 rows.append([method, b, *[_spread(cell[c]) for c in present], delta])
         out += [format_table(["method", "bits", *[CALIB_TITLES[c] for c in present], "Δ"], rows), ""]
     return "\n".join(out + render_steps(store))
 
 
 def render_steps(store: Store) -> list[str]:
-    """Ablation over generation length: the same seed and model at several `steps`."""
+    """Ablation over generation length: the same seeds and model at several `steps`."""
     psaq = [r for r in store.records if r["kind"] == "run" and r["calib"] == "psaq" and r["variant"] == "natural"]
-    steps = sorted({r["steps"] for r in psaq})
-    if len(steps) < 2:
-        return []
-    out = ["## Generation length (natural models)", "",
-           "Same seeds, PSAQ images generated with more or fewer Adam steps: patch-similarity entropy and "
-           "confidence of the float model on the images, generation time, and top-1 · logit SQNR (dB).", ""]
-    rows = []
+    out = []
     for model in dict.fromkeys(r["model"] for r in psaq):
-        common = set.intersection(*({r["seed"] for r in psaq if r["model"] == model and r["steps"] == n} for n in steps))
+        mine = [r for r in psaq if r["model"] == model]
+        steps = sorted({r["steps"] for r in mine})
+        if len(steps) < 2:
+            continue
+        seeds = sorted(set.intersection(*({r["seed"] for r in mine if r["steps"] == n} for n in steps)))
+        pairs = [p for p in dict.fromkeys((r["method"], r["bits"]) for r in mine)
+                 if all(any((r["method"], r["bits"], r["steps"]) == (*p, n) for r in mine) for n in steps)]
+        rows = []
         for n in steps:
-            diag = [r for r in store.records if r["kind"] == "diagnostic" and r["model"] == model and r["calib"] == "psaq"
-                    and r["steps"] == n and r["seed"] in common]
-            gens = [r["seconds"] for r in store.records if r["kind"] == "generation" and r["model"] == model
-                    and r["steps"] == n and r["seed"] in common]
-            cells = []
-            for method, bits in dict.fromkeys((r["method"], r["bits"]) for r in psaq if r["model"] == model and r["steps"] == steps[0]):
-                rs = [r for r in psaq if (r["model"], r["method"], r["bits"], r["steps"]) == (model, method, bits, n)
-                      and r["seed"] in common]
-                cells.append((f"{method} {bits}", _spread(rs)))
-            rows.append([model_label(model), n, f"seeds {sorted(common)}",
-                         f"{statistics.mean(r['entropy'] for r in diag):.3f}" if diag else "–",
+            def pick(kind: str, n: int = n) -> list[dict]:
+                return [r for r in store.records if r["kind"] == kind and r["model"] == model and r.get("steps") == n
+                        and r["seed"] in seeds and r.get("calib", "psaq") == "psaq"]
+            diag, gens = pick("diagnostic"), pick("generation")
+            cells = [_spread([r for r in mine if (r["method"], r["bits"], r["steps"]) == (*p, n) and r["seed"] in seeds])
+                     for p in pairs]
+            rows.append([n, f"{statistics.mean(r['entropy'] for r in diag):.3f}" if diag else "–",
                          f"{statistics.mean(r['confidence'] for r in diag):.3f}" if diag else "–",
-                         f"{statistics.mean(gens):.0f} s" if gens else "–", *[c[1] for c in cells]])
-    out += [format_table(["model", "steps", "seeds", "entropy", "confidence", "time", *[c[0] for c in cells]], rows), ""]
+                         f"{statistics.mean(r['seconds'] for r in gens):.0f} s" if gens else "–", *cells])
+        out += [f"## Generation length: {model_label(model)} (natural)", "",
+                f"PSAQ images for seeds {seeds} generated with more or fewer Adam steps: patch-similarity entropy "
+                "and confidence of the float model on them, generation time (shared machine), and top-1 · logit "
+                "SQNR (dB) of the quantized model.", "",
+                format_table(["steps", "entropy", "confidence", "time", *[f"{m} {b}" for m, b in pairs]], rows), ""]
     return out
 
 
@@ -317,9 +323,25 @@ def main() -> int:
     p.add_argument("--store", default=str(RESULTS / "data_free_runs.jsonl"))
     p.add_argument("--out", default=str(RESULTS / "data_free.md"))
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--time", metavar="THREADS", help="only time one generation per model (seed 0) at these "
+                   "torch thread counts, e.g. '1,2', and record it with the current load average")
     args = p.parse_args()
     store = Store(Path(args.store))
-    if not args.render_only:
+    if args.time:
+        os.chdir(ROOT)
+        for name in ["bundled"] + ([str(D12.relative_to(ROOT))] if D12.exists() else []):
+            model = load_model(name)
+            for threads in [int(t) for t in args.time.split(",")]:
+                torch.set_num_threads(threads)
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                generate_calibration(model, None, DataFreeConfig(steps=args.steps), progress=False)
+                seconds = time.perf_counter() - t0
+                store.append({"kind": "timing", "model": name, "steps": args.steps, "threads": threads,
+                              "seed": 0, "seconds": round(seconds, 2), "loadavg": round(max(load, os.getloadavg()[0]), 2),
+                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                print(f"{model_label(name)}: {seconds:.1f} s with {threads} thread(s)", flush=True)
+    elif not args.render_only:
         models = (["bundled"] + ([str(D12.relative_to(ROOT))] if D12.exists() else [])
                   if args.models == "auto" else args.models.split(","))
         methods = list(available_methods()) if args.methods == "all" else args.methods.split(",")
