@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from vitquant.api import quantize  # noqa: E402
-from vitquant.bench import STRESS  # noqa: E402
+from vitquant.bench import STRESS, ResultsStore  # noqa: E402
 from vitquant.calibration.data import CalibrationSet, data_config_for, load_calibration, load_labeled  # noqa: E402
 from vitquant.calibration.datafree import (  # noqa: E402
     DataFreeConfig, PatchFeatureHooks, gaussian_calibration, generate_calibration, patch_similarity_entropy,
@@ -60,29 +60,9 @@ def _key(r: dict) -> tuple:
     return tuple(r.get(k) for k in ("kind", "model", "variant", "method", "bits", "calib", "seed", "steps"))
 
 
-class Store:
+def Store(path: Path) -> ResultsStore:
     """Finished records, one JSON line each (flushed and fsynced): an interrupted sweep resumes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        if lines and not lines[-1].endswith("\n"):  # a line cut by a crash: drop it before appending more
-            lines.pop()
-            path.write_text("".join(lines))
-        self.records = [json.loads(line) for line in lines if line.strip()]
-        self._done = {_key(r) for r in self.records}
-
-    def done(self, rec: dict) -> bool:
-        return _key(rec) in self._done
-
-    def append(self, rec: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.records.append(rec)
-        self._done.add(_key(rec))
+    return ResultsStore(path, key=_key)
 
 
 def model_label(name: str) -> str:

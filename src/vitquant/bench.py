@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -56,8 +56,11 @@ def _key(rec: dict[str, Any]) -> tuple:
 
 
 class ResultsStore:
-    def __init__(self, path: str | Path) -> None:
+    """key: what makes two records the same run (default: model, variant, method, bits, seed, calib size)."""
+
+    def __init__(self, path: str | Path, key: Callable[[dict[str, Any]], tuple] | None = None) -> None:
         self.path = Path(path)
+        self.key = key or _key
         self.records: list[dict[str, Any]] = []
         if self.path.exists():
             text = self.path.read_text()
@@ -71,10 +74,10 @@ class ResultsStore:
                     self.records.append(json.loads(line))
                 except json.JSONDecodeError:
                     print(f"warning: ignoring unreadable line {i + 1} of {self.path}")
-        self._done = {_key(r) for r in self.records}
+        self._done = {self.key(r) for r in self.records}
 
     def done(self, rec: dict[str, Any]) -> bool:
-        return _key(rec) in self._done
+        return self.key(rec) in self._done
 
     def append(self, rec: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ class ResultsStore:
             f.flush()
             os.fsync(f.fileno())
         self.records.append(rec)
-        self._done.add(_key(rec))
+        self._done.add(self.key(rec))
 
 
 def _variants(model_name: str, stress: bool) -> Iterator[tuple[str, torch.nn.Module]]:
