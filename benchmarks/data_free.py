@@ -13,7 +13,6 @@ Generated images are cached in benchmarks/work/data_free/ (safetensors).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
