@@ -31,6 +31,8 @@ Deviations, all because our models are tiny (28×28 MNIST, 16 patches) or for nu
   per-pixel target carries over to other sizes better than the raw norm (which grows with √pixels).
 - Jitter is given as a fraction of the image side (15/224, 30/224), i.e. ±2 and ±4 px at 28 px.
 - CPU defaults: 2 × 150 steps instead of 2 × 500 (see `DataFreeConfig`).
+- The float model's train/eval mode and parameters are untouched: gradients are taken only with
+  respect to the images (torch.autograd.grad), never accumulated into the model.
 """
 from __future__ import annotations
 
@@ -62,8 +64,9 @@ class DataFreeConfig:
     """How PSAQ-ViT generates calibration images (defaults: the paper's, with fewer steps for CPUs).
 
     n_images: how many images to generate (PSAQ: 32); generated `batch_size` at a time.
-    steps: Adam steps per batch, split evenly over the `jitter` rounds (PSAQ: 1000 = 2 × 500; 300
-        reaches most of the effect on the reference models, see benchmarks/results/data_free.md).
+    steps: Adam steps per batch, split evenly over the `jitter` rounds (PSAQ: 1000 = 2 × 500). 300 is
+        a CPU compromise; on the 6-block reference model 100 steps cost RepQ-ViT W4A4 ~6 points, and
+        the paper's 1000 brought it to real-image calibration (benchmarks/results/data_free.md).
     lr, betas: Adam on the pixels (PSAQ: 0.2, (0.5, 0.9)); warmup: fraction of each round's steps.
     entropy_weight, ce_weight, tv_weight: loss weights (PSAQ: 1, 1, 0.05 on its raw norm = ≈440 here).
     tv_target: (low, high) of the uniform draw of the target per-element RMS neighbour difference.
