@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from vitquant.bench import ResultsStore, SweepSpec, run_sweep  # noqa: E402
-from vitquant.report.accuracy import render_accuracy  # noqa: E402
+from vitquant.report.accuracy import render_accuracy, render_summary  # noqa: E402
 
 D12 = HERE / "work" / "vit_mnist_d12.safetensors"
 
@@ -55,7 +55,13 @@ def main() -> int:
         "",
     ]
     notes = HERE / "results" / "accuracy_notes.md"  # hand-written discussion, kept across regenerations
-    body = render_accuracy(store.records) + ("\n" + notes.read_text() if notes.exists() else "")
+    labels = {"bundled": "vit_mnist_d6 (bundled)", str(D12.relative_to(HERE.parent)): "vit_mnist_d12"}
+    order = ["minmax", "percentile", "repq-vit", "ptq4vit", "fq-vit", "noisyquant", "adalog", "dopq-vit",
+             "ias-vit", "erq"]  # the order the methods were published in, baselines first
+    short = {"bundled": "d6", str(D12.relative_to(HERE.parent)): "d12"}
+    body = ("\n## Low-bit summary (top-1 %, methods sorted by their mean over these columns)\n\n"
+            + render_summary(store.records, method_order=order, labels=short) + "\n\n"
+            + render_accuracy(store.records, method_order=order, labels=labels)) + ("\n" + notes.read_text() if notes.exists() else "")
     Path(args.out).write_text("\n".join(header) + body + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -1,7 +1,7 @@
 import json
 
 from vitquant.bench import ResultsStore, SweepSpec, run_sweep
-from vitquant.report.accuracy import render_accuracy
+from vitquant.report.accuracy import render_accuracy, render_summary
 
 
 def test_sweep_resumes_and_never_repeats(tmp_path, monkeypatch, tiny_vit_factory):
@@ -35,3 +35,24 @@ def test_sweep_resumes_and_never_repeats(tmp_path, monkeypatch, tiny_vit_factory
     assert len(ResultsStore(store_path).records) == 10  # and the file is intact
     md = render_accuracy(store.records)
     assert "### tiny — natural" in md and "W4A4" in md and "minmax" in md
+    assert "### Tiny ViT — natural" in render_accuracy(store.records, labels={"tiny": "Tiny ViT"})
+    summary = render_summary(store.records, bits=("W4A4",)).splitlines()
+    assert "| tiny W4A4 | tiny stress W4A4 |" in summary[0] and summary[2].startswith("| float (FP32)")
+    assert len(summary) == 2 + 1 + len(spec.methods)  # header, rule, float, one row per method
+
+
+def test_sweep_method_options_are_validated_and_kept_as_their_own_row(tmp_path, monkeypatch, tiny_vit_factory):
+    import pytest
+
+    import vitquant.bench as bench
+    from vitquant.errors import VitquantError
+
+    with pytest.raises(VitquantError):
+        SweepSpec(models=["tiny"], methods=["repq-vit:no_such_option=1"])
+    monkeypatch.setattr(bench, "load_model", lambda name: tiny_vit_factory(depth=1, embed_dim=32))
+    spec = SweepSpec(models=["tiny"], methods=["repq-vit", "repq-vit:reparam_head=true"], bits=["w4a4"],
+                     seeds=[0], stress=False, calib_size=8)
+    store = ResultsStore(tmp_path / "runs.jsonl")
+    run_sweep(spec, store, progress=False)
+    assert [r["method"] for r in store.records] == ["float", "repq-vit", "repq-vit:reparam_head=true"]
+    assert "| repq-vit:reparam_head=true |" in render_accuracy(store.records)

@@ -1,6 +1,6 @@
 import pytest
 
-from vitquant.config import QuantConfig, parse_bits
+from vitquant.config import QuantConfig, parse_bits, parse_method_spec, parse_options
 from vitquant.errors import VitquantError
 
 
@@ -28,3 +28,22 @@ def test_validation():
         QuantConfig(calib_size=0)
     with pytest.raises(VitquantError, match="unknown quantization config keys"):
         QuantConfig.from_dict({"bits": 4})
+
+
+def test_parse_options_reads_json_values_and_keeps_strings():
+    assert parse_options(["a=true", "b=3", "c=0.5", "d=[1, 2]", "e=mse", "f=x=y"]) == {
+        "a": True, "b": 3, "c": 0.5, "d": [1, 2], "e": "mse", "f": "x=y"}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3"])
+def test_parse_options_refuses_pairs_without_key_or_value_sign(bad):
+    with pytest.raises(VitquantError, match="key=value"):
+        parse_options([bad])
+
+
+def test_parse_method_spec():
+    assert parse_method_spec("repq-vit") == ("repq-vit", {})
+    assert parse_method_spec("repq-vit:reparam_head=true:percentile=99") == (
+        "repq-vit", {"reparam_head": True, "percentile": 99})
+    with pytest.raises(VitquantError, match="repq-vit:oops"):
+        parse_method_spec("repq-vit:oops")

@@ -18,7 +18,7 @@ import torch
 
 from vitquant.api import quantize
 from vitquant.calibration.data import data_config_for, load_calibration, load_labeled
-from vitquant.config import QuantConfig, parse_bits
+from vitquant.config import QuantConfig, parse_bits, parse_method_spec
 from vitquant.errors import VitquantError
 from vitquant.evaluate import predict_logits
 from vitquant.methods import available_methods
@@ -31,6 +31,8 @@ STRESS = {"n_channels": 6, "factor": 30.0, "seed": 0}
 
 @dataclass
 class SweepSpec:
+    """methods: names, or name:key=value[:key=value] for a method with options (its own row)."""
+
     models: list[str]
     methods: list[str]
     bits: list[str] = field(default_factory=lambda: ["w8a8", "w6a6", "w4a4", "w3a3"])
@@ -44,7 +46,8 @@ class SweepSpec:
         if self.methods == ["all"]:
             self.methods = list(available_methods())
         for m in self.methods:
-            QuantConfig(method=m)  # validates the name
+            name, options = parse_method_spec(m)
+            QuantConfig(method=name, options=options)  # validates the name and the options
         for b in self.bits:
             parse_bits(b)
         if not self.models:
@@ -120,7 +123,9 @@ def run_sweep(spec: SweepSpec, store: ResultsStore, progress: bool = True) -> No
                             continue
                         if float_logits is None:
                             float_logits = predict_logits(model, data, progress=False)
-                        config = QuantConfig.preset(bits, method=method, seed=seed, calib_size=spec.calib_size)
+                        name, options = parse_method_spec(method)
+                        config = QuantConfig.preset(bits, method=name, options=options, seed=seed,
+                                                    calib_size=spec.calib_size)
                         calib = load_calibration(spec.calib, cfg, n=spec.calib_size, seed=seed)
                         with measure() as m:
                             q = quantize(model, config, calib, progress=False)

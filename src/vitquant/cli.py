@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -13,26 +12,12 @@ from vitquant.errors import VitquantError
 PRESETS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a3")
 
 
-def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """--opt key=value (value parsed as JSON when it is JSON: numbers, true/false, lists)."""
-    opts: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise VitquantError(f"--opt {pair!r} is not of the form key=value")
-        key, value = pair.split("=", 1)
-        try:
-            opts[key] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key] = value
-    return opts
-
-
 def _config(args) -> "QuantConfig":
-    from vitquant.config import QuantConfig, parse_bits
+    from vitquant.config import QuantConfig, parse_bits, parse_options
 
     w, a = parse_bits(args.bits)
     return QuantConfig(method=args.method, w_bits=w, a_bits=a, calib_size=args.calib_size, seed=args.seed,
-                       options=_parse_options(args.opt), deployable=args.deployable)
+                       options=parse_options(args.opt), deployable=args.deployable)
 
 
 def _is_quantized_dir(path: str) -> bool:
@@ -201,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="resumable sweep: models × methods × bits × seeds, appended to a store")
     b.add_argument("--models", default="bundled", help="comma-separated model names/files")
-    b.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    b.add_argument("--methods", default="all",
+                   help="comma-separated method names, or 'all'; options as name:key=value, e.g. "
+                        "repq-vit:reparam_head=true (a separate row in the tables)")
     b.add_argument("--bits", default="w8a8,w6a6,w4a4,w3a3")
     b.add_argument("--seeds", default="0,1,2", help="calibration seeds")
     b.add_argument("--calib", default="bundled")

@@ -18,6 +18,26 @@ MIN_BITS, MAX_BITS = 2, 8
 _PRESET = re.compile(r"^w(\d+)a(\d+)$")
 
 
+def parse_options(pairs: "list[str] | tuple[str, ...]", what: str = "--opt") -> dict[str, Any]:
+    """key=value pairs; a value is parsed as JSON when it is JSON (numbers, true/false, lists)."""
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise VitquantError(f"{what} {pair!r} is not of the form key=value")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'repq-vit' or 'repq-vit:reparam_head=true:other=1' -> (method name, options)."""
+    name, *pairs = spec.split(":")
+    return name, parse_options(pairs, what=f"method option in {spec!r}:")
+
+
 def parse_bits(preset: str) -> tuple[int, int]:
     """'w4a4' -> (4, 4). Raises VitquantError naming the accepted form."""
     m = _PRESET.match(preset.strip().lower())

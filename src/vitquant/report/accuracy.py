@@ -17,7 +17,10 @@ def _cell(s: dict[str, Any] | None) -> str:
     return f"{s['top1']:.2f} ({s['min']:.1f}–{s['max']:.1f})"
 
 
-def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | None = None) -> str:
+def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | None = None,
+                    labels: dict[str, str] | None = None) -> str:
+    """One section per (model, variant); `labels` maps a stored model id (e.g. a path) to its display name."""
+    labels = labels or {}
     summary = summarize(records)
     models = list(dict.fromkeys((r["model"], r["variant"]) for r in records))
     bits = [b for b in BITS_ORDER if any(k[3] == b for k in summary)]
@@ -28,7 +31,7 @@ def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | Non
             methods = [m for m in method_order if m in methods] + [m for m in methods if m not in method_order]
         flt = summary.get((model, variant, "float", "FP32"))
         seeds = max((summary[k]["n"] for k in summary if k[:2] == (model, variant)), default=1)
-        out.append(f"### {model} — {variant}" + (f" (float top-1 {flt['top1']:.2f})" if flt else ""))
+        out.append(f"### {labels.get(model, model)} — {variant}" + (f" (float top-1 {flt['top1']:.2f})" if flt else ""))
         out.append("")
         out.append(f"Top-1 % on the MNIST-5k test split (1000 images); mean over {seeds} calibration seeds "
                    "with (min–max) when more than one.")
@@ -51,3 +54,33 @@ def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | Non
         out.append(format_table(["method", *bits], cost))
         out.append("")
     return "\n".join(out)
+
+
+def render_summary(records: list[dict[str, Any]], bits: tuple[str, ...] = ("W4A4", "W3A3"),
+                   method_order: list[str] | None = None, labels: dict[str, str] | None = None) -> str:
+    """One row per method, one column per (model, variant, bits): the low-bit results side by side,
+    methods sorted by their mean top-1 over those columns (best first)."""
+    labels = labels or {}
+    summary = summarize(records)
+    models = list(dict.fromkeys((r["model"], r["variant"]) for r in records))
+    cols = [(m, v, b) for m, v in models for b in bits if any(k[:2] == (m, v) and k[3] == b for k in summary)]
+    methods = [m for m in dict.fromkeys(k[2] for k in summary) if m != "float"]
+    if method_order:
+        methods = [m for m in method_order if m in methods] + [m for m in methods if m not in method_order]
+
+    def score(method: str) -> float:
+        vals = [summary[(m, v, method, b)]["top1"] for m, v, b in cols if (m, v, method, b) in summary]
+        return sum(vals) / len(vals) if vals else float("-inf")
+
+    methods.sort(key=score, reverse=True)
+    # short headers: the model label, "stress" for a stress variant, the bit width
+    header = ["method", *[" ".join([labels.get(m, m), *([] if v == "natural" else [v.split()[0]]), b])
+                          for m, v, b in cols], "mean"]
+    rows = []
+    for method in methods:
+        cells = [f"{summary[(m, v, method, b)]['top1']:.1f}" if (m, v, method, b) in summary else "–"
+                 for m, v, b in cols]
+        rows.append([method, *cells, f"{score(method):.1f}"])
+    floats = [summary.get((m, v, "float", "FP32")) for m, v, _ in cols]
+    rows.insert(0, ["float (FP32)", *[f"{f['top1']:.1f}" if f else "–" for f in floats], ""])
+    return format_table(header, rows)
