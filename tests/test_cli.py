@@ -58,8 +58,9 @@ def test_quantize_then_eval(tmp_path, capsys):
     calib = _images(tmp_path / "calib", 10, corrupt=1)
     evald = _images(tmp_path / "val", 12, classes=["a", "b", "c"])
     out = tmp_path / "out"
-    rc = main(["quantize", "--model", str(model), "--calib", str(calib), "--bits", "w4a4", "--method", "minmax",
-               "--out", str(out), "--eval", str(evald), "--quiet"])
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image file.*broken0.png"):
+        rc = main(["quantize", "--model", str(model), "--calib", str(calib), "--bits", "w4a4", "--method",
+                   "minmax", "--out", str(out), "--eval", str(evald), "--quiet"])
     stdout = capsys.readouterr().out
     assert rc == 0
     assert "1 unreadable skipped" in stdout and "top-1" in stdout
