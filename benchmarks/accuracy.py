@@ -59,7 +59,9 @@ def main() -> int:
     order = ["minmax", "percentile", "repq-vit", "ptq4vit", "fq-vit", "noisyquant", "adalog", "dopq-vit",
              "ias-vit", "erq"]  # the order the methods were published in, baselines first
     short = {"bundled": "d6", str(D12.relative_to(HERE.parent)): "d12"}
-    body = ("\n## Low-bit summary (top-1 %, methods sorted by their mean over these columns)\n\n"
+    body = ("\n## Low-bit summary\n\nTop-1 %, mean over the calibration seeds run (counts in the per-model tables below), methods "
+            "sorted by their mean over these columns. `name:key=value` rows are a method with a non-default "
+            "option (see the notes at the end).\n\n"
             + render_summary(store.records, method_order=order, labels=short) + "\n\n"
             + render_accuracy(store.records, method_order=order, labels=labels)) + ("\n" + notes.read_text() if notes.exists() else "")
     Path(args.out).write_text("\n".join(header) + body + "\n")
