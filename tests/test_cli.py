@@ -124,3 +124,18 @@ def test_quantize_data_free_keeps_the_generated_images(tmp_path, capsys):
     meta = json.loads((out / "quant_config.json").read_text())
     assert meta["stats"]["calibration_grid"] == "calibration_images.png"
     assert "generation_seconds" in meta["stats"]
+
+
+def test_data_free_steps_reach_the_generator_and_are_validated(tmp_path, capsys):
+    model = _model_file(tmp_path)
+    out = tmp_path / "df"
+    assert main(["quantize", "--model", str(model), "--calib", "data-free", "--data-free-steps", "4",
+                 "--calib-size", "8", "--method", "minmax", "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert "4 steps" in meta["stats"]["calibration_source"]
+    capsys.readouterr()
+    assert "only applies to --calib data-free" in _run_error(
+        capsys, ["quantize", "--model", str(model), "--data-free-steps", "4", "--out", str(tmp_path / "x")])
+    assert "steps=1" in _run_error(capsys, ["quantize", "--model", str(model), "--calib", "data-free",
+                                            "--data-free-steps", "1", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -33,6 +33,8 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise VitquantError(f"output directory '{out}' already exists; pass --force to replace it")
+    if args.data_free_steps is not None and args.calib != "data-free":
+        raise VitquantError("--data-free-steps only applies to --calib data-free")
     model = vitquant.load_model(args.model, args.checkpoint)
     calib, files = args.calib, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,8 +42,9 @@ def cmd_quantize(args) -> int:
             from vitquant.calibration.datafree import DataFreeConfig
 
             files["calibration_images.png"] = Path(tmp) / "calibration_images.png"
+            steps = {} if args.data_free_steps is None else {"steps": args.data_free_steps}
             calib = DataFreeConfig(n_images=config.calib_size, seed=config.seed,
-                                   grid_path=str(files["calibration_images.png"]))
+                                   grid_path=str(files["calibration_images.png"]), **steps)
         qmodel = vitquant.quantize(model, config, calib, progress=not args.quiet)
         if files:
             qmodel.stats["calibration_grid"] = "calibration_images.png"  # inside the output directory
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folder, 'bundled' (MNIST-5k), 'data-free' (PSAQ-ViT images generated from the "
                         "model; saved as calibration_images.png) or 'gaussian' (noise baseline)")
     q.add_argument("--calib-size", type=int, default=32, help="calibration images (default 32)")
+    q.add_argument("--data-free-steps", type=int, metavar="N",
+                   help="Adam steps per image batch for --calib data-free (default 300; PSAQ-ViT: 1000, "
+                        "better calibration, ~3x the time; fewer than 300 can be worse than noise)")
     q.add_argument("--method", default="repq-vit", help="see `vitquant list`")
     q.add_argument("--bits", default="w8a8", help="wXaY preset, e.g. w8a8, w4a4")
     q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
