@@ -277,16 +277,21 @@ def render_steps(store: Store) -> list[str]:
                 return [r for r in store.records if r["kind"] == kind and r["model"] == model and r.get("steps") == n
                         and r["seed"] in seeds and r.get("calib", "psaq") == "psaq"]
             diag, gens = pick("diagnostic"), pick("generation")
+            quiet = [r for r in store.records if r["kind"] == "timing" and r["model"] == model and r["steps"] == n]
             cells = [_spread([r for r in mine if (r["method"], r["bits"], r["steps"]) == (*p, n) and r["seed"] in seeds])
                      for p in pairs]
             rows.append([n, f"{statistics.mean(r['entropy'] for r in diag):.3f}" if diag else "–",
                          f"{statistics.mean(r['confidence'] for r in diag):.3f}" if diag else "–",
-                         f"{statistics.mean(r['seconds'] for r in gens):.0f} s" if gens else "–", *cells])
+                         f"{statistics.mean(r['seconds'] for r in gens):.0f} s" if gens else "–",
+                         ", ".join(f"{r['seconds']:.0f} s ({r['threads']} thr, load {r['loadavg']:.1f})" for r in quiet)
+                         or "–", *cells])
         out += [f"## Generation length: {model_label(model)} (natural)", "",
                 f"PSAQ images for seeds {seeds} generated with more or fewer Adam steps: patch-similarity entropy "
-                "and confidence of the float model on them, generation time (shared machine), and top-1 · logit "
+                "and confidence of the float model on them, generation time of the 32 images (mean over the sweep's "
+                "seeds, shared machine; and `--time` runs, with threads and load average), and top-1 · logit "
                 "SQNR (dB) of the quantized model.", "",
-                format_table(["steps", "entropy", "confidence", "time", *[f"{m} {b}" for m, b in pairs]], rows), ""]
+                format_table(["steps", "entropy", "confidence", "time (sweep)", "time (--time)",
+                              *[f"{m} {b}" for m, b in pairs]], rows), ""]
     return out
 
 
