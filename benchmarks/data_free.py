@@ -240,7 +240,7 @@ def render(store: Store, steps: int) -> str:
         seeds_text = ", ".join(f"{n} for {', '.join(m for m in seeds if seeds[m] == n)}" for n in sorted(set(seeds.values()), reverse=True))
         flt = floats.get((model, variant))
         out += [f"## {model_label(model)} — {variant}" + (f" (float top-1 {flt:.2f})" if flt is not None else ""), "",
-                f"Top-1 % on the MNIST-5k test split (1000 images), mean (min–max) over the seeds ({seeds_text}) "
+                f"Top-1 % on the MNIST-5k test split (1000 images), mean (min–max) over the seeds run for that cell (at most {seeds_text}; a cell without a range has one seed) "
                 "· logit SQNR against the float model (dB, mean; higher = closer to float). Δ = PSAQ − real "
                 "top-1, in points.", ""]
         rows = []
