@@ -55,10 +55,11 @@ def main() -> int:
         "",
     ]
     notes = HERE / "results" / "accuracy_notes.md"  # hand-written discussion, kept across regenerations
-    labels = {"bundled": "vit_mnist_d6 (bundled)", str(D12.relative_to(HERE.parent)): "vit_mnist_d12"}
+    d12 = str(D12.relative_to(HERE.parent))  # how the store names it
+    labels = {"bundled": "vit_mnist_d6 (bundled)", d12: "vit_mnist_d12"}
     order = ["minmax", "percentile", "repq-vit", "ptq4vit", "fq-vit", "noisyquant", "adalog", "dopq-vit",
              "ias-vit", "erq"]  # the order the methods were published in, baselines first
-    short = {"bundled": "d6", str(D12.relative_to(HERE.parent)): "d12"}
+    short = {"bundled": "d6", d12: "d12"}
     body = ("\n## Low-bit summary\n\nTop-1 %, mean over the calibration seeds run (counts in the per-model tables below), methods "
             "sorted by their mean over these columns. `name:key=value` rows are a method with a non-default "
             "option (see the notes at the end).\n\n"

@@ -17,6 +17,13 @@ def _cell(s: dict[str, Any] | None) -> str:
     return f"{s['top1']:.2f} ({s['min']:.1f}–{s['max']:.1f})"
 
 
+def _ordered(methods: list[str], order: list[str] | None) -> list[str]:
+    """`methods` with those named in `order` first, in that order; the rest as they came."""
+    if not order:
+        return methods
+    return [m for m in order if m in methods] + [m for m in methods if m not in order]
+
+
 def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | None = None,
                     labels: dict[str, str] | None = None) -> str:
     """One section per (model, variant); `labels` maps a stored model id (e.g. a path) to its display name."""
@@ -27,8 +34,7 @@ def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | Non
     out = []
     for model, variant in models:
         methods = [m for m in dict.fromkeys(k[2] for k in summary if k[:2] == (model, variant)) if m != "float"]
-        if method_order:
-            methods = [m for m in method_order if m in methods] + [m for m in methods if m not in method_order]
+        methods = _ordered(methods, method_order)
         flt = summary.get((model, variant, "float", "FP32"))
         seeds = max((summary[k]["n"] for k in summary if k[:2] == (model, variant)), default=1)
         out.append(f"### {labels.get(model, model)} — {variant}" + (f" (float top-1 {flt['top1']:.2f})" if flt else ""))
@@ -64,9 +70,7 @@ def render_summary(records: list[dict[str, Any]], bits: tuple[str, ...] = ("W4A4
     summary = summarize(records)
     models = list(dict.fromkeys((r["model"], r["variant"]) for r in records))
     cols = [(m, v, b) for m, v in models for b in bits if any(k[:2] == (m, v) and k[3] == b for k in summary)]
-    methods = [m for m in dict.fromkeys(k[2] for k in summary) if m != "float"]
-    if method_order:
-        methods = [m for m in method_order if m in methods] + [m for m in methods if m not in method_order]
+    methods = _ordered([m for m in dict.fromkeys(k[2] for k in summary) if m != "float"], method_order)
 
     def score(method: str) -> float:
         vals = [summary[(m, v, method, b)]["top1"] for m, v, b in cols if (m, v, method, b) in summary]
