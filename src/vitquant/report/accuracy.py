@@ -76,7 +76,7 @@ def render_summary(records: list[dict[str, Any]], bits: tuple[str, ...] = ("W4A4
         vals = [summary[(m, v, method, b)]["top1"] for m, v, b in cols if (m, v, method, b) in summary]
         return sum(vals) / len(vals) if vals else float("-inf")
 
-    methods.sort(key=score, reverse=True)
+    methods = sorted((m for m in methods if score(m) > float("-inf")), key=score, reverse=True)  # rows with a value
     # short headers: the model label, "stress" for a stress variant, the bit width
     header = ["method", *[" ".join([labels.get(m, m), *([] if v == "natural" else [v.split()[0]]), b])
                           for m, v, b in cols], "mean"]
