@@ -8,12 +8,14 @@ from torch import nn
 
 from vitquant.calibration.data import CalibrationSet, data_config_for, load_calibration
 from vitquant.calibration.datafree import generated_calibration, is_generated_source
+from vitquant.calibration.engine import Context
 from vitquant.config import QuantConfig
 from vitquant.errors import VitquantError
 from vitquant.methods import get_method
 from vitquant.methods.deployable import make_deployable
-from vitquant.methods.steps import freeze
+from vitquant.methods.steps import apply_plan, freeze
 from vitquant.models import QuantizedModel, prepare
+from vitquant.plan import SitePlan
 from vitquant.profiling import measure
 
 
@@ -40,17 +42,23 @@ def quantize(
         raise VitquantError(f"config must be a QuantConfig or a bits preset like 'w4a4', not {type(config).__name__}")
     if isinstance(model, QuantizedModel):
         raise VitquantError("this model is already quantized; pass the float model")
+    method = get_method(config.method)()
+    # the architecture is understood (or refused) before any image is decoded or generated
+    qmodel = prepare(model, source=getattr(model, "vitquant_source", None), extra_sites=method.requires_sites,
+                     unknown=config.unknown_layers)
+    method.check(qmodel.structure)
+    plan = SitePlan.resolve(config, qmodel.structure)
     generation_stats: dict[str, Any] = {}
     if is_generated_source(calib):  # needs the float model itself, so not a load_calibration source
-        calib, generation_stats = generated_calibration(model, calib, config.calib_size, config.seed, progress)
+        calib, generation_stats = generated_calibration(model, calib, config.calib_size, config.seed, progress,
+                                                        structure=qmodel.structure)
     elif not isinstance(calib, CalibrationSet):
-        calib = load_calibration(calib, data_config_for(model), n=config.calib_size, seed=config.seed)
-    method = get_method(config.method)()
-    qmodel = prepare(model, source=getattr(model, "vitquant_source", None), extra_sites=method.requires_sites)
-    qmodel.deployable = config.deployable  # steps.fit_activations then plans affine quantizers only
+        calib = load_calibration(calib, data_config_for(model, qmodel.structure.input_shape),
+                                 n=config.calib_size, seed=config.seed)
     torch.manual_seed(config.seed)
     with measure() as m:
-        method.calibrate(qmodel, calib, config, progress=progress)
+        method.calibrate(Context(qmodel, calib, config, plan, progress))
+        apply_plan(qmodel, plan)
         stand_ins = make_deployable(qmodel) if config.deployable else []
         freeze(qmodel)
     qmodel.config = config
@@ -61,5 +69,7 @@ def quantize(
         "calibration_source": calib.source,
         **generation_stats,
         **({"deployable_stand_ins": stand_ins} if config.deployable else {}),
+        **({"float_sites": plan.float_sites} if plan.float_sites else {}),
+        **({"float_ops": list(qmodel.structure.float_ops)} if qmodel.structure.float_ops else {}),
     }
     return qmodel.eval()

@@ -13,7 +13,8 @@ from typing import Any
 
 from vitquant.errors import VitquantError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 had no site_bits / keep_float / unknown_layers
 MIN_BITS, MAX_BITS = 2, 8
 _PRESET = re.compile(r"^w(\d+)a(\d+)$")
 
@@ -65,6 +66,10 @@ class QuantConfig:
     options: method-specific options, validated by the method.
     deployable: calibrate only quantizers an integer runtime runs exactly (affine grids of ≤ 8 bits), so
         the exported ONNX model computes what was evaluated (see vitquant.methods.deployable).
+    site_bits: {glob: bits} per-site overrides (site names, '<layer>.weight', or 'role:<role>'), see plan.py.
+    keep_float: globs of sites/weights left float.
+    unknown_layers: "refuse" a model with weighted ops the core does not understand (default), or leave
+        them "float" and list them in the report.
     """
 
     method: str = "repq-vit"
@@ -75,6 +80,9 @@ class QuantConfig:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     deployable: bool = False
+    site_bits: dict[str, int] = field(default_factory=dict)
+    keep_float: list[str] = field(default_factory=list)
+    unknown_layers: str = "refuse"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -89,8 +97,18 @@ class QuantConfig:
             raise VitquantError(f"calib_size must be a positive integer, got {self.calib_size!r}")
         if not isinstance(self.deployable, bool):
             raise VitquantError(f"deployable must be True or False, got {self.deployable!r}")
-        if self.version != CONFIG_VERSION:
-            raise VitquantError(f"config version {self.version} is not supported (this vitquant reads {CONFIG_VERSION})")
+        if self.version not in READABLE_VERSIONS:
+            raise VitquantError(f"config version {self.version} is not supported (this vitquant reads {READABLE_VERSIONS})")
+        self.version = CONFIG_VERSION
+        if not isinstance(self.site_bits, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) and MIN_BITS <= v <= MAX_BITS
+                for k, v in self.site_bits.items()):
+            raise VitquantError(f"site_bits must map site patterns to bits in {MIN_BITS}..{MAX_BITS}, got {self.site_bits!r}")
+        if isinstance(self.keep_float, str) or not all(isinstance(k, str) and k for k in self.keep_float):
+            raise VitquantError(f"keep_float must be a list of site patterns, got {self.keep_float!r}")
+        self.keep_float = list(self.keep_float)
+        if self.unknown_layers not in ("refuse", "float"):
+            raise VitquantError(f"unknown_layers must be 'refuse' or 'float', got {self.unknown_layers!r}")
         from vitquant.methods import get_method  # late: methods import config
 
         self.options = get_method(self.method).validate_options(self.options)

@@ -72,11 +72,12 @@ def save(qmodel: QuantizedModel, out: str | Path, force: bool = False, extra: di
         raise VitquantError("only a calibrated model (from vitquant.quantize) can be saved")
     state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
     for name, layer in qmodel.weight_layers().items():
-        state[f"{name}.weight"] = _weight_codes(layer).contiguous()
+        if layer.weight_enabled:  # a weight the plan keeps float is saved as it is
+            state[f"{name}.weight"] = _weight_codes(layer).contiguous()
     meta = {
         "format": FORMAT,
         "config": qmodel.config.to_dict(),
-        "adapter": qmodel.adapter,
+        "structure": qmodel.structure.summary(),
         "source": qmodel.source,
         "quantizers": qmodel.quantizer_specs(),
         "stats": qmodel.stats,
@@ -103,10 +104,17 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantizedModel:
         if not meta.get("source"):
             raise VitquantError(f"'{path}' does not record how to rebuild its float model; pass model=")
         model = build_from_source(meta["source"])
-    extra_sites = get_method(meta["config"]["method"]).requires_sites  # the method's own sites, recreated
-    qmodel = prepare(model, source=meta.get("source"), extra_sites=extra_sites)
+    config = QuantConfig.from_dict(meta["config"])
+    extra_sites = get_method(config.method).requires_sites  # the method's own sites, recreated
+    qmodel = prepare(model, source=meta.get("source"), extra_sites=extra_sites, unknown=config.unknown_layers)
     state = load_file(str(path / WEIGHTS))
     specs = meta["quantizers"]
+    expected = set(qmodel.act_sites()) | {f"{n}.weight" for n in qmodel.weight_layers()}
+    if expected != set(specs):
+        diff = sorted(expected ^ set(specs))
+        raise VitquantError(f"'{path}' was saved from a model with other quantization sites than this one has now "
+                            f"({', '.join(diff[:4])}{' …' if len(diff) > 4 else ''}): a different architecture, or "
+                            "a library version whose forward computes differently")
     for name, site in qmodel.act_sites().items():
         spec = specs[name]
         site.enabled = spec["enabled"]
@@ -115,7 +123,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantizedModel:
             site.quantizer.name = name
     codes = {}
     for name, layer in qmodel.weight_layers().items():
-        layer.weight_quantizer = quantizer_from_spec(specs[f"{name}.weight"]["quantizer"])
+        spec = specs[f"{name}.weight"]["quantizer"]
+        if spec is None:  # kept float by the plan: the state holds the float weight
+            layer.weight_enabled, layer.weight_quantizer = False, None
+            continue
+        layer.weight_quantizer = quantizer_from_spec(spec)
         codes[name] = state.pop(f"{name}.weight")
         if layer.bias is None and f"{name}.bias" in state:  # a reparameterization gave it a bias
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
@@ -125,8 +137,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantizedModel:
         raise VitquantError(f"'{path}' does not fit its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, layer in qmodel.weight_layers().items():
-            layer.weight.copy_(layer.weight_quantizer.dequantize(codes[name].float()))
+            if name in codes:
+                layer.weight.copy_(layer.weight_quantizer.dequantize(codes[name].float()))
             layer.weight_frozen = True
-    qmodel.config = QuantConfig.from_dict(meta["config"])
+    qmodel.config = config
     qmodel.stats = meta.get("stats", {})
     return qmodel.eval()

@@ -104,7 +104,7 @@ def test_reparameterized_float_model_equals_original(model_and_data):
     model, calib, x = model_and_data
     p = prepare(model)
     config = QuantConfig.preset("w4a4", method="adalog", options={**FAST, "fold_shift": False})
-    get_method("adalog")().calibrate(p, calib, config, progress=False)
+    get_method("adalog")().fit(p, calib, config, progress=False)
     with torch.no_grad(), p.bypassed():
         assert torch.allclose(p(x), model(x), atol=1e-5)
     assert not torch.allclose(p.submodule("blocks.0.norm1").weight, model.blocks[0].norm1.weight)

@@ -40,8 +40,8 @@ def w4a4(model_and_data):
 def test_median_reparameterization_is_exact(model_and_data):
     model, calib, x = model_and_data
     p = prepare(model)
-    pair = p.norm_pairs[0]  # blocks.0.norm1 -> qkv
-    site = p.submodule(pair.linears[0]).input_site
+    pair = p.structure.mappings[0]  # blocks.0.norm1 -> qkv
+    site = p.submodule(pair.layers[0]).input_site
     obs = observe_float(p, [calib.images], sites=[site], progress=False)[site.name]
     rows = obs.sample()
     cw = UniformQuantizer(4, channel_axis=-1).fit(rows, RangeRule("mse"), obs.lo, obs.hi)

@@ -61,8 +61,8 @@ def test_stage_two_is_lossless_while_weights_are_float(small_vit, calib_images):
     the layer-wise grid reproduces each channel's grid exactly (RepQ-ViT's property)."""
     p = prepare(small_vit)
     p.requires_grad_(False)
-    pair = p.norm_pairs[0]
-    site = p.submodule(pair.linears[0]).input_site
+    pair = p.structure.mappings[0]
+    site = p.submodule(pair.layers[0]).input_site
     obs = observe_float(p, [calib_images], sites=[site], progress=False)[site.name]
     site.quantizer = UniformQuantizer(4, channel_axis=-1).fit(obs.sample(), RangeRule("mse"), obs.lo, obs.hi)
     for other in p.act_sites().values():

@@ -7,7 +7,7 @@ import vitquant
 from vitquant import QuantConfig
 from vitquant.calibration import CalibrationSet
 from vitquant.errors import VitquantError
-from vitquant.methods.capture import capture
+from vitquant.calibration.capture import capture
 from vitquant.methods.noisyquant import fold_noisy_bias, symmetric_narrow
 from vitquant.models import prepare
 from vitquant.quantizers import NoisyBiasQuantizer, UniformQuantizer

@@ -9,7 +9,7 @@ from vitquant import QuantConfig
 from vitquant.calibration import CalibrationSet
 from vitquant.errors import VitquantError
 from vitquant.methods import grid_search
-from vitquant.methods.capture import _Tap, capture, pseudo_label_loss
+from vitquant.calibration.capture import capture, pseudo_label_loss
 from vitquant.methods.ptq4vit import full_range_symmetric, symmetric_fake_quant
 from vitquant.models import prepare
 
@@ -82,21 +82,29 @@ def test_captured_gradients_match_autograd(tiny_vit, calib_images):
     """∂L/∂O at the head, at Q·Kᵀ and at probs·V, checked through the chain rule against the
     gradients autograd gives at the matmul operands (∂L/∂q = G₁·k, ∂L/∂k = G₁ᵀ·q, ∂L/∂v = Pᵀ·G₂)."""
     p = prepare(tiny_vit)
-    attn = p.submodule("blocks.1.attn")
+    core = p.structure.core("blocks.1.attn")
     x = calib_images[:4]
-    layers, attns = capture(p, [p.submodule("head")], [attn], [x], with_grad=True)
+    layers, cores = capture(p, [p.submodule("head")], [core], [x], with_grad=True)
     logits = tiny_vit(x).double()
     expected = torch.softmax(logits, -1) - F.one_hot(logits.argmax(-1), 10)
     assert torch.allclose(layers["head"].grad.double(), expected, atol=1e-6)
 
-    taps = {s: _Tap(grad=True) for s in ("q", "k", "v")}
+    class GradTap:  # an observer that keeps the gradient at what its site sees
+        def __init__(self):
+            self.grads = []
+
+        def update(self, t):
+            t.register_hook(self.grads.append)
+
+    sites = p.core_sites(core)
+    taps = {s: GradTap() for s in ("q", "k", "v")}
     for s, tap in taps.items():
-        getattr(attn, f"{s}_site").observer = tap
+        sites[s].observer = tap
     with p.bypassed(), torch.enable_grad():
         pseudo_label_loss(p(x.clone().requires_grad_(True))).backward()
     gq, gk, gv = (taps[s].grads[0] for s in ("q", "k", "v"))
-    cap = attns["blocks.1.attn"]
-    assert torch.allclose(cap.grad_scores @ cap.k, gq, atol=1e-6)
+    cap = cores["blocks.1.attn"]
+    assert torch.allclose(cap.grad_scores @ cap.kt.transpose(-2, -1), gq, atol=1e-6)
     assert torch.allclose(cap.grad_scores.transpose(-2, -1) @ cap.q, gk, atol=1e-6)
     assert torch.allclose(cap.probs.transpose(-2, -1) @ cap.grad_context, gv, atol=1e-6)
     assert all(w.requires_grad for w in p.parameters())  # capture restores the parameters

@@ -20,13 +20,13 @@ def calibrated(tiny_vit_factory, calib_images):
     model = tiny_vit_factory(depth=2, embed_dim=32)
     qmodel = prepare(model)
     calib = CalibrationSet(calib_images, "random", [])
-    get_method("repq-vit")().calibrate(qmodel, calib, W4A4, progress=False)
+    get_method("repq-vit")().fit(qmodel, calib, W4A4, progress=False)
     return model, qmodel, calib
 
 
 def test_units_in_forward_order(calibrated):
     _, qmodel, calib = calibrated
-    assert reconstruction_units(qmodel, calib.images) == ["patch_embed.proj", "blocks.0", "blocks.1", "head"]
+    assert reconstruction_units(qmodel) == ["patch_embed.proj", "blocks.0", "blocks.1", "head"]
 
 
 def _block_output_mse(model, qmodel, x):

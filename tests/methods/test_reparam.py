@@ -9,10 +9,10 @@ def test_fold_channel_affine_is_lossless_in_float(tiny_vit):
     ref = tiny_vit(x)
     q = prepare(tiny_vit)
     gen = torch.Generator().manual_seed(0)
-    for pair in q.norm_pairs:
+    for pair in q.structure.mappings:
         dim = q.submodule(pair.norm).weight.numel()
         r = torch.rand(dim, generator=gen) * 4 + 0.1
         b = torch.randn(dim, generator=gen)
-        fold_channel_affine(q.submodule(pair.norm), [q.submodule(n) for n in pair.linears], r, b)
+        fold_channel_affine(q.submodule(pair.norm), [q.submodule(n) for n in pair.layers], r, b)
     with torch.no_grad(), q.bypassed():
         assert torch.allclose(q(x), ref, atol=1e-5)

@@ -19,7 +19,7 @@ def test_reparameterized_float_model_equals_original(tiny_vit, calib_images):
     from vitquant.models import prepare
 
     p = prepare(tiny_vit)
-    get_method("repq-vit")().calibrate(p, _calib(calib_images), q.config, progress=False)
+    get_method("repq-vit")().fit(p, _calib(calib_images), q.config, progress=False)
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad(), p.bypassed():
         assert torch.allclose(p(x), tiny_vit(x), atol=1e-5)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from vitquant.datasets.mnist import mnist5k_split
 from vitquant.errors import VitquantError
+from vitquant.models.io import input_size_of
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 BUNDLED = "bundled"
@@ -30,17 +31,18 @@ _PROGRESS_MIN_FILES = 64  # below this a progress bar is noise
 _SOURCES_HINT = "pass 'bundled', an image folder, a tensor [N, C, H, W], or a DataLoader/Dataset of preprocessed tensors"
 
 
-def data_config_for(model: torch.nn.Module) -> dict:
+def data_config_for(model: torch.nn.Module, input_size: tuple[int, ...] | None = None) -> dict:
     """The model's own eval preprocessing: input_size, interpolation, mean, std, crop_pct, crop_mode.
 
-    A VisionTransformer built directly (not via timm.create_model) has no pretrained_cfg, and timm would
-    then answer 3x224x224; its patch embedding knows the real input size, so that is used instead.
+    The input size is the one the model is built for (`input_size`, or read from the model: a timm ViT
+    built with img_size=384, an HF config's image_size), not the one a pretrained config may name; the
+    rest comes from the model's `pretrained_cfg` (timm, or set by vitquant's loaders for HF and
+    torchvision models).
     """
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    if pretrained_cfg.get("input_size") is None:
-        inferred = _input_size_from_patch_embed(model)
-        if inferred is not None:
-            pretrained_cfg["input_size"] = inferred
+    size = input_size or input_size_of(model)
+    if size is not None:
+        pretrained_cfg["input_size"] = tuple(int(v) for v in size)
     if not pretrained_cfg.get("mean") or not pretrained_cfg.get("std"):
         warnings.warn(f"{type(model).__name__} carries no pretrained_cfg mean/std, so ImageNet normalization is "
                       "assumed; set model.pretrained_cfg to the preprocessing the model was trained with",
@@ -52,15 +54,6 @@ def data_config_for(model: torch.nn.Module) -> dict:
     cfg["std"] = tuple(float(v) for v in cfg["std"])
     cfg["crop_pct"] = float(cfg["crop_pct"])
     return cfg
-
-
-def _input_size_from_patch_embed(model: torch.nn.Module) -> tuple[int, int, int] | None:
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    in_chans = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
-    if img_size is None or in_chans is None:
-        return None
-    return (int(in_chans), int(img_size[0]), int(img_size[1]))
 
 
 @dataclass

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from vitquant.calibration.data import CalibrationSet, data_config_for
 from vitquant.errors import VitquantError
+from vitquant.models.io import logits_of
 
 DATA_FREE, GAUSSIAN = "data-free", "gaussian"
 # The paper's TV target and weight for one batch of 32 × 3 × 224 × 224, rescaled to per-element RMS.
@@ -168,23 +169,35 @@ def smoothness_rms(images: torch.Tensor) -> torch.Tensor:
 
 
 class PatchFeatureHooks:
-    """Captures each attention block's attn·V output (the input of `attn.proj`), heads averaged and
-    prefix (class/register) tokens dropped: the "patch features" PSAQ-ViT measures similarity on."""
+    """Captures each attention's probs·V output (the input of the layer that reads it, e.g. `attn.proj`),
+    heads averaged and prefix (class/register) tokens dropped: the "patch features" PSAQ-ViT measures
+    similarity on. Where they are comes from the model's traced structure, for any family; prefix
+    tokens are those beyond the patches the image layer makes (none on Swin)."""
 
-    def __init__(self, model: nn.Module):
-        attentions = [m for m in model.modules() if _is_timm_attention(m)]
-        if not attentions:
-            raise VitquantError(f"data-free generation needs timm attention blocks (with .qkv, .proj and "
-                                f".num_heads), but {type(model).__name__} has none; calibrate with real images")
-        self.prefix = int(getattr(model, "num_prefix_tokens", 1))
+    def __init__(self, model: nn.Module, structure=None) -> None:
+        if structure is None:
+            from vitquant.models import prepare
+
+            structure = prepare(model).structure
+        heads = {c.owner: c.heads for c in structure.cores}
+        targets = [(layer, heads[info.producer_module]) for layer in structure.layers
+                   if (info := structure.sites.get(structure.layer_input(layer))) is not None
+                   and info.role == "attn_out" and info.producer_module in heads]
+        if not targets:
+            raise VitquantError(f"data-free generation needs attention layers, but {type(model).__name__} has none "
+                                "whose output feeds a quantized layer; calibrate with real images")
+        self.patches = structure.patch_tokens
         self.features: list[torch.Tensor] = []
-        self._handles = [a.proj.register_forward_pre_hook(self._hook(a.num_heads)) for a in attentions]
+        self._handles = [model.get_submodule(layer).register_forward_pre_hook(self._hook(h)) for layer, h in targets]
 
     def _hook(self, heads: int):
         def capture(_module, inputs):
-            x = inputs[0]  # [B, N, heads·head_dim]: heads merged by timm, before the projection
-            b, n, c = x.shape
-            self.features.append(x.reshape(b, n, heads, c // heads).mean(dim=2)[:, self.prefix:])
+            x = inputs[0]
+            if x.dim() == 4:  # a conv reads it: [B, C, H, W] → tokens
+                x = x.flatten(2).transpose(1, 2)
+            b, n, c = x.shape  # heads merged, before the projection
+            prefix = max(0, n - self.patches) if self.patches and n > self.patches else 0
+            self.features.append(x.reshape(b, n, heads, c // heads).mean(dim=2)[:, prefix:])
         return capture
 
     def pop(self) -> list[torch.Tensor]:
@@ -196,13 +209,9 @@ class PatchFeatureHooks:
             h.remove()
 
 
-def _is_timm_attention(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("qkv", "proj", "num_heads")) and isinstance(module.proj, nn.Linear)
-
-
 # -- generation -------------------------------------------------------------------------------------
 def generate_calibration(model: nn.Module, data_cfg: dict | None = None, config: DataFreeConfig | None = None,
-                         progress: bool = True) -> CalibrationSet:
+                         progress: bool = True, structure=None) -> CalibrationSet:
     """PSAQ-ViT calibration images [n_images, C, H, W] in the model's normalized input space.
 
     The float `model` is only read: no parameter gradient is accumulated and its train/eval mode is
@@ -213,7 +222,7 @@ def generate_calibration(model: nn.Module, data_cfg: dict | None = None, config:
     low, high = pixel_bounds(data_cfg)
     was_training = model.training
     model.eval()
-    hooks = PatchFeatureHooks(model)
+    hooks = PatchFeatureHooks(model, structure)
     chunks = []
     try:
         sizes = [min(config.batch_size, config.n_images - s) for s in range(0, config.n_images, config.batch_size)]
@@ -240,7 +249,7 @@ def _generate_batch(model, hooks, data_cfg, config: DataFreeConfig, size: int, i
     rng = random.Random(config.seed * 1_000_003 + index)
     img = torch.randn(size, c, h, w, generator=gen).to(device).requires_grad_(True)
     with torch.no_grad():  # a dry run tells the number of classes and of patches
-        num_classes = model(img[:1]).shape[-1]
+        num_classes = logits_of(model(img[:1])).shape[-1]
     n_patches = hooks.pop()[0].shape[1]
     labels = torch.randint(num_classes, (size,), generator=gen).to(device)
     tv_target = config.tv_target[0] + (config.tv_target[1] - config.tv_target[0]) * rng.random()
@@ -257,7 +266,7 @@ def _generate_batch(model, hooks, data_cfg, config: DataFreeConfig, size: int, i
             x = torch.roll(img, shifts=(rng.randint(-reach[0], reach[0]), rng.randint(-reach[1], reach[1])), dims=(2, 3))
             if config.flip and rng.random() > 0.5:
                 x = torch.flip(x, dims=(3,))
-            logits = model(x)
+            logits = logits_of(model(x))
             features = hooks.pop()
             entropy = sum(patch_similarity_entropy(f, config.kde_bandwidth, config.kde_points, pairs) for f in features)
             ce = F.cross_entropy(logits, labels)
@@ -328,19 +337,19 @@ def is_generated_source(calib) -> bool:
     return isinstance(calib, DataFreeConfig) or (isinstance(calib, str) and calib in (DATA_FREE, GAUSSIAN))
 
 
-def generated_calibration(model: nn.Module, calib, n: int, seed: int, progress: bool = True
+def generated_calibration(model: nn.Module, calib, n: int, seed: int, progress: bool = True, structure=None
                           ) -> tuple[CalibrationSet, dict]:
     """Calibration made from the float model itself, and the facts to record in `qmodel.stats`.
 
     "data-free" / "gaussian" use n images and the config's seed; a DataFreeConfig is used as given.
     """
-    data_cfg = data_config_for(model)
+    data_cfg = data_config_for(model, structure.input_shape if structure is not None else None)
     t0 = time.perf_counter()
     if isinstance(calib, str) and calib == GAUSSIAN:
         result = gaussian_calibration(data_cfg, n, seed)
         return result, {"generation_seconds": round(time.perf_counter() - t0, 3)}
     config = calib if isinstance(calib, DataFreeConfig) else DataFreeConfig(n_images=n, seed=seed)
-    result = generate_calibration(model, data_cfg, config, progress)
+    result = generate_calibration(model, data_cfg, config, progress, structure)
     return result, {"generation_seconds": round(time.perf_counter() - t0, 3), "calibration_grid": config.grid_path,
                     "data_free_config": config.to_dict()}
 

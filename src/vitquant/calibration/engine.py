@@ -1,15 +1,42 @@
-"""Running calibration data through a prepared model and collecting activation statistics."""
+"""The calibration engine: the one place that runs calibration images through a prepared model.
+
+It owns batching and device placement (the model's device, CPU or CUDA), and offers what methods
+need without them knowing where anything is computed:
+- `observe(sites)`: streaming statistics of each site's input in the *float* model (the papers'
+  "parallel" calibration: a site never sees the errors of the quantizers before it);
+- `capture(layers, cores, with_grad)`: each layer's float input (and ∂L/∂output), each attention
+  core's operands (and ∂L/∂(Q·Kᵀ), ∂L/∂(probs·V)), via taps on the dispatch handlers (capture.py);
+- `unit_io(unit, model)`: a unit's call arguments (and output) as a given model computes them, for
+  sequential and reconstruction methods — chaining from the previous unit when nothing runs between
+  them, otherwise a forward that stops at the unit.
+Methods get it through the `Context` they are called with.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from vitquant.calibration.observer import ReservoirObserver
+from vitquant.models.dispatch import quiet
+from vitquant.models.io import logits_of
 from vitquant.models.qmodules import ActSite
-from vitquant.models.quantized import QuantizedModel
+
+if TYPE_CHECKING:
+    from vitquant.calibration.data import CalibrationSet
+    from vitquant.config import QuantConfig
+    from vitquant.models.quantized import QuantizedModel
+    from vitquant.plan import SitePlan
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @contextmanager
@@ -27,18 +54,17 @@ def observing(sites: Iterable[ActSite], seed: int = 0) -> Iterator[dict[str, Res
 
 
 @torch.no_grad()
-def run_batches(model: torch.nn.Module, batches: list[torch.Tensor], desc: str, progress: bool = True) -> None:
-    device = next(model.parameters()).device
+def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool = True) -> None:
+    device = model_device(model)
     for x in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         model(x.to(device))
 
 
 def observe_float(
-    qmodel: QuantizedModel, batches: list[torch.Tensor], sites: Iterable[ActSite] | None = None,
+    qmodel: "QuantizedModel", batches: list[torch.Tensor], sites: Iterable[ActSite] | None = None,
     seed: int = 0, progress: bool = True, desc: str = "calibrating",
 ) -> dict[str, ReservoirObserver]:
-    """Statistics of each site's input as the *float* model computes it (the papers' "parallel"
-    calibration: a site never sees errors of the quantizers before it)."""
+    """Statistics of each enabled site's input as the *float* model computes it."""
     sites = [s for s in (qmodel.act_sites().values() if sites is None else sites) if s.enabled]
     with qmodel.bypassed(), observing(sites, seed) as observers:
         run_batches(qmodel, batches, desc, progress)
@@ -46,3 +72,130 @@ def observe_float(
     if missing:
         raise RuntimeError(f"calibration forward never reached these sites: {missing[:5]}")
     return observers
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the unit of interest has been reached."""
+
+
+class UnitInputs:
+    """The arguments a unit was called with over all calibration batches. Tensors that differ between
+    batches are concatenated along dim 0 (the images); those that do not (masks, position tables) are
+    kept once. `args(idx)` rebuilds a call for a subset of the images."""
+
+    def __init__(self, calls: list[tuple[tuple, dict]]) -> None:
+        flat = [tree_flatten((a, k)) for a, k in calls]
+        self.spec = flat[0][1]
+        self.leaves: list[Any] = []
+        self.batched: list[bool] = []
+        for i, leaf in enumerate(flat[0][0]):
+            column = [f[0][i] for f in flat]
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not all(
+                    c is leaf or (c.shape == leaf.shape and torch.equal(c, leaf)) for c in column):
+                self.leaves.append(torch.cat(column))
+                self.batched.append(True)
+            else:
+                self.leaves.append(leaf)
+                self.batched.append(False)
+        main = next((i for i, b in enumerate(self.batched) if b), None)
+        if main is None:  # a single batch: the first tensor is the batched one
+            main = next(i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor))
+            self.batched[main] = True
+        self.main = main
+
+    def __len__(self) -> int:
+        return self.leaves[self.main].shape[0]
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.leaves[self.main]
+
+    def call(self, idx: torch.Tensor | slice) -> tuple[tuple, dict]:
+        leaves = [leaf[idx] if b else leaf for leaf, b in zip(self.leaves, self.batched)]
+        return tree_unflatten(leaves, self.spec)
+
+    def with_x(self, x: torch.Tensor) -> "UnitInputs":
+        """The same calls with the main tensor replaced (a previous unit's output, for chaining)."""
+        other = object.__new__(UnitInputs)
+        other.__dict__.update(self.__dict__)
+        other.leaves = list(self.leaves)
+        other.leaves[self.main] = x
+        return other
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    return logits_of(out)
+
+
+def run_unit(unit: nn.Module, inputs: UnitInputs, idx: torch.Tensor | slice) -> torch.Tensor:
+    args, kwargs = inputs.call(idx)
+    return first_tensor(unit(*args, **kwargs))
+
+
+@torch.no_grad()
+def unit_io(model: nn.Module, unit_name: str, images: torch.Tensor, batch_size: int,
+            with_output: bool) -> tuple[UnitInputs, torch.Tensor | None]:
+    """The calls `model` makes to its unit `unit_name` on `images` (and the unit's outputs)."""
+    unit = model.submodule(unit_name) if hasattr(model, "submodule") else (
+        model.get_submodule(unit_name) if unit_name else model)
+    calls, outs = [], []
+
+    def pre(_m, args, kwargs):
+        with quiet():
+            calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                          {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+        if not with_output:
+            raise _Stop
+
+    def post(_m, _args, out):
+        with quiet():
+            outs.append(first_tensor(out).detach())
+        raise _Stop
+
+    handles = [unit.register_forward_pre_hook(pre, with_kwargs=True)]
+    if with_output:
+        handles.append(unit.register_forward_hook(post))
+    try:
+        for x in images.split(batch_size):
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise RuntimeError(f"the forward never reached unit {unit_name!r}")
+    return UnitInputs(calls), (torch.cat(outs) if with_output else None)
+
+
+@dataclass
+class Context:
+    """What a method's `calibrate` gets: the model, the images, the config, the resolved per-site plan
+    and the engine that runs the forward loop."""
+
+    qmodel: "QuantizedModel"
+    calib: "CalibrationSet"
+    config: "QuantConfig"
+    plan: "SitePlan"
+    progress: bool = True
+
+    @property
+    def structure(self):
+        return self.qmodel.structure
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.qmodel)
+
+    def batches(self, batch_size: int = 32) -> list[torch.Tensor]:
+        device = self.device
+        return [x.to(device) for x in self.calib.batches(batch_size)]
+
+    def images(self) -> torch.Tensor:
+        return self.calib.images.to(self.device)
+
+    def observe(self, sites: Iterable[ActSite] | None = None, batch_size: int = 32,
+                desc: str = "calibrating") -> dict[str, ReservoirObserver]:
+        return observe_float(self.qmodel, self.batches(batch_size), sites, seed=self.config.seed,
+                             progress=self.progress, desc=desc)

@@ -74,6 +74,24 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, QuantizedModel) else model
 
 
+def check_exportable(model: nn.Module) -> None:
+    """The ONNX walker (vit_graph.py) writes timm's VisionTransformer only: anything else is refused
+    in one line before any work."""
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    inner = _inner(model)
+    what = f"{type(inner).__module__}.{type(inner).__name__}"
+    if not isinstance(inner, VisionTransformer):
+        raise VitquantError(f"ONNX export supports timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, CLIP "
+                            f"ViT) so far; {what} cannot be exported yet (quantize and evaluate it in PyTorch)")
+    for i, blk in enumerate(inner.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise VitquantError(f"ONNX export: blocks.{i} of this {what} is a {type(blk).__name__} with "
+                                f"{type(getattr(blk, 'attn', None)).__name__} attention; only timm's Block/Attention "
+                                "can be exported so far")
+
+
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
     pe = _inner(model).patch_embed
     return (pe.proj.weight.shape[1], *pe.img_size)
@@ -133,6 +151,7 @@ def export(
         raise VitquantError(f"bias must be one of {BIAS_MODES}, not {bias!r}")
     if non_uniform not in NON_UNIFORM_RULES:
         raise VitquantError(f"non_uniform must be one of {NON_UNIFORM_RULES}, not {non_uniform!r}")
+    check_exportable(model)
     quantized = isinstance(model, QuantizedModel)
     if quantized and model.config is None:
         raise VitquantError("this QuantizedModel was never calibrated; export the result of vitquant.quantize(...)")

@@ -6,7 +6,7 @@ around every op eat the int8 gain):
 - every Linear/patch-embedding GEMM is `DequantizeLinear(uint8 codes) → MatMul ← DequantizeLinear(int8
   per-channel weight)`, the pattern ONNX Runtime fuses into one integer GEMM (MatMulIntegerToFloat);
 - the patch-embedding conv (kernel = stride) is a patchify reshape + GEMM, so it is an int8 GEMM too;
-- attention is explicit (Q·Kᵀ, softmax, P·V) as in `QuantAttention`; q, k, v are three GEMMs so that
+- attention is explicit (Q·Kᵀ, softmax, P·V) as in the simulation's `AttentionSites`; q, k, v are three GEMMs so that
   each is quantized right after its bias, and a per-tensor quantizer is applied *before* the head
   reshape/transposes (quantization commutes with them), which then move uint8 instead of float;
 - the 1/√d attention scale is folded into q's dequantization scale (one multiply fewer per score);
@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from onnx import TensorProto
 from torch import nn
-from torch.nn.utils import parametrize
 
 from vitquant.errors import VitquantError
 from vitquant.export.deployable import (ActQuant, SiteExport, activation_export, describe, exports_exactly,
                                        weight_codes)
 from vitquant.export.graph import GraphBuilder
 from vitquant.export.isa import Scheme
+from vitquant.models.dispatch import handlers_of
+from vitquant.models.handlers import AttentionSites, OpSites
 from vitquant.models.qmodules import ActSite
 from vitquant.quantizers import UniformQuantizer
 
@@ -35,10 +36,24 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def parametrize_site(site: ActSite) -> bool:
-    """Sites registered as parametrizations quantize a parameter whenever it is read: the graph reads
-    the parameter, so its constant is already the quantized value."""
-    return site.role in ("embed", "pos_embed") and site.name in ("cls_token", "reg_token", "pos_embed")
+def _extra_sites(module: nn.Module, which: str) -> list:
+    """A module's opt-in op sites (FQ-ViT's residual/embedding sites) on results ("output") or operands
+    ("operand"), in call order."""
+    found = [(k.rstrip("0123456789"), int("".join(c for c in k if c.isdigit()) or 0), h)
+             for k, h in handlers_of(module).items() if isinstance(h, OpSites)]
+    sites = [getattr(h, f"{which}_site") for _, _, h in sorted(found, key=lambda t: (t[0], t[1]))]
+    return [s for s in sites if s is not None]
+
+
+def _by_role(sites: list, role: str) -> list:
+    return [s for s in sites if s.role == role]
+
+
+def _core(attn: nn.Module, p: str) -> AttentionSites:
+    cores = [h for h in handlers_of(attn).values() if isinstance(h, AttentionSites)]
+    if len(cores) != 1:
+        raise VitquantError(f"ONNX export: {p} does not compute one scaled-dot-product attention")
+    return cores[0]
 
 
 def _is_identity(m: nn.Module | None) -> bool:
@@ -224,8 +239,8 @@ class ViTGraph:
         else:
             t = patchify(self.fake(x, grid, "patch_embed.input"))
         y = self.probe("patch_embed.proj", self.gemm(t, conv, "patch_embed.proj", grid))
-        norm = getattr(pe, "norm", None)
-        y = self.site(y, norm, "patch_embed.output") if isinstance(norm, ActSite) else self.norm(y, norm, "patch_embed.norm")
+        y = self.site(y, getattr(conv, "output_site", None), "patch_embed.output")  # FQ-ViT's patch tokens
+        y = self.norm(y, getattr(pe, "norm", None), "patch_embed.norm")
         return self.reshape(y, [-1, gh * gw, self.m.embed_dim], "patch_tokens")
 
     def tokens(self, x: str) -> str:
@@ -240,20 +255,31 @@ class ViTGraph:
             shape = g.op("Concat", [batch, g.const([1, dim])], "prefix_shape", axis=0)
             prefix = [g.op("Expand", [g.initializer(_np(t).astype(np.float32), "prefix_token"), shape], "prefix")
                       for t in prefix]
+        sites = _extra_sites(m, "output")  # FQ-ViT's embedding and first residual sites
         pos = self.param("pos_embed")
+        pos_site = next(iter(_by_role(_extra_sites(m, "operand"), "pos_embed")), None)
+        if pos is not None and pos_site is not None and self.quantized:
+            grid = self.grid(pos_site)  # a quantized constant: exact in the graph
+            self.sites[-1] = SiteExport(pos_site.name, pos_site.role, describe(pos_site.quantizer),
+                                        "exact (a quantized constant in the graph)")
+            if grid is not None:
+                with torch.no_grad():
+                    pos = pos_site.quantizer(pos)
         pos = None if pos is None else g.initializer(_np(pos).astype(np.float32), "pos_embed")
+        embed = _by_role(sites, "embed")
+        residual = _by_role(sites, "residual")
         if getattr(m, "no_embed_class", False):
             x = x if pos is None else g.op("Add", [x, pos], "pos_add")
             x = g.op("Concat", [*prefix, x], "tokens", axis=1) if prefix else x
+            x = self.site(x, embed[0] if embed else None, "embed")
         else:
             x = g.op("Concat", [*prefix, x], "tokens", axis=1) if prefix else x
+            x = self.site(x, embed[0] if embed else None, "embed")
             x = x if pos is None else g.op("Add", [x, pos], "pos_add")
+            x = self.site(x, residual[0] if residual else None, "residual")
         return self.reshape(x, [-1, dim], "tokens_2d")
 
     def param(self, name: str) -> torch.Tensor | None:
-        """A model parameter; the float graph reads the float original of a quantized (parametrized) one."""
-        if not self.quantized and parametrize.is_parametrized(self.m, name):
-            return getattr(self.m.parametrizations, name).original
         return getattr(self.m, name, None)
 
     def heads(self, y: str, grid: ActQuant | None, norm, n: str, p: str, attn) -> str:
@@ -282,6 +308,7 @@ class ViTGraph:
         c = getattr(attn, "attn_dim", heads * d)
         if getattr(attn, "gate", None) is not None:
             raise VitquantError(f"ONNX export: {p} is a gated attention, which the exporter does not support")
+        core = _core(attn, p) if self.quantized else None
         qkv_grid = self.grid(getattr(attn.qkv, "input_site", None))
         x_in = self.fake(x, qkv_grid, f"{p}.qkv.input")
         parts = {n: self.gemm(x_in, attn.qkv, f"{p}.{n}", qkv_grid, slice(i * c, (i + 1) * c)) for i, n in enumerate("qkv")}
@@ -289,15 +316,15 @@ class ViTGraph:
             self.probe(f"{p}.qkv", g.op("Concat", list(parts.values()), f"{p}.qkv.cat", axis=-1))
         out = {}
         for n, y in parts.items():
-            grid = self.grid(getattr(attn, f"{n}_site", None))
+            grid = self.grid(getattr(core, f"{n}_site", None))
             if grid is not None and n in "kv" and self.scheme is not None and self.scheme.weight_dtype == "int8":
                 grid = grid.as_int8()  # Kᵀ and V are the B operand: int8 selects the u8s8 kernel
             out[n] = self.heads(y, grid, {"q": attn.q_norm, "k": attn.k_norm}.get(n), n, p, attn)
         scores = g.op("MatMul", [out["q"], out["k"]], f"{p}.scores")
-        if getattr(attn, "scores_site", None) is not None:
-            scores = self.fake(scores, self.grid(attn.scores_site), f"{p}.scores_q")
+        if getattr(core, "scores_site", None) is not None:
+            scores = self.fake(scores, self.grid(core.scores_site), f"{p}.scores_q")
         probs = g.op("Softmax", [scores], f"{p}.softmax", axis=-1)
-        probs = self.fake(probs, self.grid(getattr(attn, "softmax_site", None)), f"{p}.softmax", matmul_rank=4)
+        probs = self.fake(probs, self.grid(getattr(core, "softmax_site", None)), f"{p}.softmax", matmul_rank=4)
         o = g.op("MatMul", [probs, out["v"]], f"{p}.context")  # [B, H, N, d]
         proj_grid = self.grid(getattr(attn.proj, "input_site", None))
         merge = lambda t: self.reshape(self.transpose(t, [0, 2, 1, 3], f"{p}.merge.perm"), [-1, c], f"{p}.merge")  # noqa: E731
@@ -319,14 +346,14 @@ class ViTGraph:
         return self.linear(h, mlp.fc2, f"{p}.fc2")
 
     def block(self, x: str, blk: nn.Module, p: str) -> str:
-        # the residual sites exist only in the adapter's QuantBlock (opt-in "residual" extra sites)
-        x = self.site(x, getattr(blk, "input_residual", None), f"{p}.input")
+        residual = _by_role(_extra_sites(blk, "output"), "residual")  # FQ-ViT's residual stream sites
+        residual += [None] * (2 - len(residual))
         a = self.attention(self.norm(x, blk.norm1, f"{p}.norm1"), blk.attn, f"{p}.attn")
         x = self.g.op("Add", [x, self.layer_scale(a, blk.ls1, f"{p}.ls1")], f"{p}.res1")
-        x = self.site(x, getattr(blk, "attn_residual", None), f"{p}.attn_residual")
+        x = self.site(x, residual[0], f"{p}.attn_residual")
         h = self.mlp(self.norm(x, blk.norm2, f"{p}.norm2"), blk.mlp, f"{p}.mlp")
         x = self.g.op("Add", [x, self.layer_scale(h, blk.ls2, f"{p}.ls2")], f"{p}.res2")
-        return self.site(x, getattr(blk, "mlp_residual", None), f"{p}.mlp_residual")
+        return self.site(x, residual[1], f"{p}.mlp_residual")
 
     def head(self, x: str) -> str:
         m, g = self.m, self.g
@@ -377,9 +404,6 @@ class ViTGraph:
         placed = {s.site for s in self.sites}
         for module in self.m.modules():
             if isinstance(module, ActSite) and module.name not in placed:
-                if parametrize_site(module):  # quantized parameters (tokens, position embedding)
-                    self.sites.append(SiteExport(module.name, module.role, describe(module.quantizer),
-                                                 "exact (a quantized constant in the graph)"))
-                elif module.enabled:
+                if module.enabled:
                     raise VitquantError(f"ONNX export: activation site {module.name!r} ({module.role}) is not placed "
                                         "by the exporter; this model has a quantization point it does not know")

@@ -43,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitquant.calibration.capture import capture
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
-from vitquant.methods.capture import capture
 from vitquant.methods.fpcs import FPCS, evaluate, uniform_fake
 from vitquant.methods.reparam import fold_input_shift
-from vitquant.methods.repq_vit import reparameterize_post_ln
-from vitquant.models.qmodules import QuantAttention, QuantConv2d
+from vitquant.methods.repq_vit import reparam_mappings, reparameterize_post_ln
+from vitquant.models import roles
+from vitquant.models.qmodules import QuantConv2d
 from vitquant.quantizers import AdaLogQuantizer, UniformQuantizer
 from vitquant.quantizers.adalog import GELU_SHIFT, R_DEFAULT, TABLES, adalog_codes, adalog_dequantize, mantissa_table
 
@@ -114,86 +115,77 @@ class AdaLog(Method):
     summary = "AdaLog (ECCV'24): adaptive-base log quantizer for post-softmax/post-GELU, FPCS search"
     Options = AdaLogOptions
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+    def calibrate(self, ctx) -> None:
+        qmodel, config = ctx.qmodel, ctx.config
         opts = self.options(config)
         if opts.reconstruct:
             reconstruct_blocks, ReconstructionOptions = reconstruction_step()  # fail before any work
-        self.opts, self.config = opts, config
+        self.opts, self.config, self.plan = opts, config, ctx.plan
         self.search = FPCS(opts.candidates, opts.top_k, opts.steps)
         self.table = mantissa_table(opts.r, config.a_bits, opts.table)
         self.gen = torch.Generator().manual_seed(config.seed)
-        batches = list(calib.batches())
-        roles = {"post_ln"} if opts.reparam_post_ln else set()
-        roles |= {"head"} if opts.reparam_head else set()
-        pairs = {p.linears[0]: p for p in qmodel.norm_pairs if qmodel.submodule(p.linears[0]).input_site.role in roles}
+        batches = ctx.batches()
+        mappings = reparam_mappings(ctx, opts.reparam_head) if opts.reparam_post_ln else (
+            [m for m in reparam_mappings(ctx, True) if ctx.structure.role(ctx.structure.layer_input(m.layers[0]))
+             == roles.HEAD] if opts.reparam_head else [])
+        first = {m.layers[0]: m for m in mappings}
+        cores = {c.name: c for c in ctx.structure.cores}
+        groups = [([qmodel.submodule(n) for n in u.layers], [cores[c] for c in u.cores]) for u in ctx.structure.units]
         with torch.no_grad():
-            for layers, attns in tqdm(self._groups(qmodel), desc="adalog search", disable=not progress, leave=False):
-                caps, attn_caps = capture(qmodel, layers, attns, batches, with_grad=False)
+            for layers, unit_cores in tqdm(groups, desc="adalog search", disable=not ctx.progress, leave=False):
+                caps, core_caps = capture(qmodel, layers, unit_cores, batches, with_grad=False)
                 rows = {l.name: self._rows(l, caps[l.name].x) for l in layers}
                 for layer in layers:
-                    if layer.name in pairs:  # channel-wise first, then one shared layer-wise grid
-                        pair = pairs[layer.name]
-                        r, b = self._channel_wise_then_reparam(qmodel, pair, rows[layer.name])
-                        for name in pair.linears:
+                    if layer.name in first:  # channel-wise first, then one shared layer-wise grid
+                        mapping = first[layer.name]
+                        r, b = self._channel_wise_then_reparam(qmodel, mapping, rows[layer.name])
+                        for name in mapping.layers:
                             rows[name] = rows[name] / r - b
                 for layer in layers:
                     self._search_layer(layer, rows[layer.name])
-                for attn in attns:
-                    cap = attn_caps[attn.name]
-                    self._search_qk(attn, cap.q, cap.k)
-                    self._search_softmax_v(attn, cap.probs, cap.v)
+                for core in unit_cores:
+                    cap, sites = core_caps[core.name], qmodel.core_sites(core)
+                    self._search_qk(sites, cap.q, cap.kt)
+                    self._search_softmax_v(sites, cap.probs, cap.v)
         if opts.reconstruct:
-            reconstruct_blocks(qmodel, calib, ReconstructionOptions(iters=opts.reconstruct_iters), progress)
+            reconstruct_blocks(qmodel, ctx.calib, ReconstructionOptions(iters=opts.reconstruct_iters), ctx.progress)
         if opts.fold_shift:  # after reconstruction, which may still change fc2's weights
             self._fold_post_gelu_shifts(qmodel)
 
     # -- bookkeeping --------------------------------------------------------------------------------
-    @staticmethod
-    def _groups(qmodel):
-        """(layers, attentions) captured together: one transformer block at a time, others alone."""
-        attns = [m for m in qmodel.model.modules() if isinstance(m, QuantAttention)]
-        blocks = {a.name.rsplit(".", 1)[0] + ".": ([], [a]) for a in attns}
-        groups, seen = [], set()
-        for name, layer in qmodel.weight_layers().items():
-            prefix = next((p for p in blocks if name.startswith(p)), None)
-            if prefix is None:
-                groups.append(([layer], []))
-            else:
-                blocks[prefix][0].append(layer)
-                if prefix not in seen:
-                    seen.add(prefix)
-                    groups.append(blocks[prefix])
-        return groups
-
     def _rows(self, layer, x: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, QuantConv2d):  # a conv is a Linear on unfolded patches
-            if layer.groups != 1:
-                raise VitquantError(f"adalog: grouped conv {layer.name!r} is not supported")
-            kernel = layer.weight.shape[2:]
-            x = F.unfold(x, kernel, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
+            if layer.groups != 1:  # grouped/depthwise: no single matmul; rows are the input's channels
+                x = x.movedim(1, -1)
+            else:
+                kernel = layer.weight.shape[2:]
+                x = F.unfold(x, kernel, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
         rows = x.reshape(-1, x.shape[-1]).float()
         if rows.shape[0] > self.opts.max_rows:
             rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.opts.max_rows].sort().values]
         return rows
 
     def _bits(self, site) -> int | None:
-        return self.config.patch_embed_input_bits if site.role == "image" else self.config.a_bits
+        return self.plan.act(site.name)
 
     # -- linear layers ------------------------------------------------------------------------------
-    def _channel_wise_then_reparam(self, qmodel, pair, x: torch.Tensor):
-        site = qmodel.submodule(pair.linears[0]).input_site
+    def _channel_wise_then_reparam(self, qmodel, mapping, x: torch.Tensor):
+        site = qmodel.submodule(mapping.layers[0]).input_site
         bits = self._bits(site)
 
         def input_error(s, z):  # per channel
             return (uniform_fake(x[None], s[:, None], z[:, None], bits) - x).pow(2).mean(1)
 
         s, z = self.search.search_uniform(input_error, x, bits, x.numel())
-        site.quantizer = _uniform(bits, s, z, site.name, channel_axis=-1)
-        return reparameterize_post_ln(qmodel, pair, "mean")
+        site.quantizer = _uniform(bits, s, z, site.name, channel_axis=site.channel_axis)
+        return reparameterize_post_ln(qmodel, mapping, "mean")
 
     def _search_layer(self, layer, x: torch.Tensor) -> None:
-        w_bits, site = self.config.w_bits, layer.input_site
+        site = layer.input_site
+        w_bits = self.plan.weight(layer.name) or self.config.w_bits  # a float weight: dropped by apply_plan
         a_bits = self._bits(site)
+        if isinstance(layer, QuantConv2d) and layer.groups != 1:
+            return self._search_grouped(layer, x, w_bits, a_bits)
         W = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
         bias = None if layer.bias is None else layer.bias.detach().float()
         y = F.linear(x, W, bias)
@@ -245,6 +237,27 @@ class AdaLog(Method):
         layer.weight_quantizer = _uniform(w_bits, ws, wz, f"{layer.name}.weight", channel_axis=0)
         site.enabled, site.quantizer = act is not None, act
 
+    def _search_grouped(self, layer, x: torch.Tensor, w_bits: int, a_bits: int | None) -> None:
+        """A grouped/depthwise conv is no single matmul: weights and input by their own quantization error."""
+        W = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
+
+        def w_self(s, z):
+            return (uniform_fake(W[None], s[..., None], z[..., None], w_bits) - W).pow(2).mean(-1)
+
+        ws, wz = self.search.search_uniform(w_self, W.t(), w_bits, W.numel())
+        layer.weight_quantizer = _uniform(w_bits, ws, wz, f"{layer.name}.weight", channel_axis=0)
+        site = layer.input_site
+        if a_bits is None:
+            site.enabled, site.quantizer = False, None
+            return
+
+        def a_self(s, z):
+            return (uniform_fake(x[None], s[..., None], z[..., None], a_bits) - x).pow(2).mean((1, 2))[:, None]
+
+        site.quantizer = _uniform(a_bits, *self.search.search_uniform(a_self, x.reshape(-1, 1), a_bits, x.numel()),
+                                  site.name)
+        site.enabled = True
+
     def _q_candidates(self, device) -> torch.Tensor:
         return torch.arange(self.opts.q_range[0], self.opts.q_range[1] + 1, dtype=torch.float32, device=device)[:, None]
 
@@ -286,55 +299,87 @@ class AdaLog(Method):
         act.set_params(s, int(q.item()))
 
     # -- attention matmuls --------------------------------------------------------------------------
-    def _search_qk(self, attn: QuantAttention, q: torch.Tensor, k: torch.Tensor) -> None:
-        bits, y = self.config.a_bits, q @ k.transpose(-2, -1)
+    @staticmethod
+    def _install(site, bits, s, z, per_head: bool) -> None:
+        if bits is None:
+            site.quantizer, site.enabled = None, False
+        elif per_head:
+            site.quantizer, site.enabled = _uniform(bits, s, z, site.name, channel_axis=1), True
+        else:  # 3-D operands ([B·H, N, d]) have no heads axis: one grid
+            site.quantizer, site.enabled = _uniform(bits, s[0], z[0], site.name), True
+
+    def _search_qk(self, sites: dict, q: torch.Tensor, kt: torch.Tensor) -> None:
+        per_head = q.dim() == 4
+        if not per_head:
+            q, kt = q.unsqueeze(1), kt.unsqueeze(1)
+        qb, kb = self._bits(sites["q"]), self._bits(sites["k"])
+        bits, y = qb or kb or self.config.a_bits, q @ kt
+        fq_q = (lambda t, s, z: t) if qb is None else (lambda t, s, z: uniform_fake(t, s, z, qb))  # noqa: E731
+        fq_k = (lambda t, s, z: t) if kb is None else (lambda t, s, z: uniform_fake(t, s, z, kb))  # noqa: E731
         heads = lambda t: t.movedim(1, -1).reshape(-1, t.shape[1])  # noqa: E731
         bc = lambda p: p[:, None, :, None, None]  # noqa: E731  [k, H] -> [k, 1, H, 1, 1]
-        qs, ks = _minmax(heads(q), bits), _minmax(heads(k), bits)
+        qs, ks = _minmax(heads(q), qb or bits), _minmax(heads(kt), kb or bits)
         floats = y.numel() + q.numel()
         for _ in range(self.opts.rounds):
-            kq = uniform_fake(k, ks[0][:, None, None], ks[1][:, None, None], bits)
+            kq = fq_k(kt, ks[0][:, None, None], ks[1][:, None, None])
 
             def q_err(s, z):
-                return ((uniform_fake(q[None], bc(s), bc(z), bits) @ kq.transpose(-2, -1)) - y).pow(2).mean((1, 3, 4))
+                return ((fq_q(q[None], bc(s), bc(z)) @ kq) - y).pow(2).mean((1, 3, 4))
 
-            qs = self.search.search_uniform(q_err, heads(q), bits, floats, [qs])
-            qq = uniform_fake(q, qs[0][:, None, None], qs[1][:, None, None], bits)
+            if qb is not None:
+                qs = self.search.search_uniform(q_err, heads(q), qb, floats, [qs])
+            qq = fq_q(q, qs[0][:, None, None], qs[1][:, None, None])
 
             def k_err(s, z):
-                return ((qq @ uniform_fake(k[None], bc(s), bc(z), bits).transpose(-2, -1)) - y).pow(2).mean((1, 3, 4))
+                return ((qq @ fq_k(kt[None], bc(s), bc(z))) - y).pow(2).mean((1, 3, 4))
 
-            ks = self.search.search_uniform(k_err, heads(k), bits, floats, [ks])
-        attn.q_site.quantizer = _uniform(bits, *qs, attn.q_site.name, channel_axis=1)
-        attn.k_site.quantizer = _uniform(bits, *ks, attn.k_site.name, channel_axis=1)
+            if kb is not None:
+                ks = self.search.search_uniform(k_err, heads(kt), kb, floats, [ks])
+        self._install(sites["q"], qb, *qs, per_head)
+        self._install(sites["k"], kb, *ks, per_head)
 
-    def _search_softmax_v(self, attn: QuantAttention, probs: torch.Tensor, v: torch.Tensor) -> None:
-        bits, y = self.config.a_bits, probs @ v
+    def _search_softmax_v(self, sites: dict, probs: torch.Tensor, v: torch.Tensor) -> None:
+        per_head = v.dim() == 4
+        if not per_head:
+            probs, v = probs.unsqueeze(1), v.unsqueeze(1)
+        pb, vb = self._bits(sites["softmax"]), self._bits(sites["v"])
+        y = probs @ v
+        fq_v = (lambda t, s, z: t) if vb is None else (lambda t, s, z: uniform_fake(t, s, z, vb))  # noqa: E731
         heads = v.movedim(1, -1).reshape(-1, v.shape[1])
-        vs = _minmax(heads, bits)
+        vs = _minmax(heads, vb or self.config.a_bits)
         one, qs = torch.ones(1, 1, device=v.device), self._q_candidates(v.device)
         floats = probs.numel() + y.numel()
         best_q = self.opts.r
         for _ in range(self.opts.rounds):
-            vq = uniform_fake(v, vs[0][:, None, None], vs[1][:, None, None], bits)
+            vq = fq_v(v, vs[0][:, None, None], vs[1][:, None, None])
+            if pb is not None:
 
-            def q_err(s, q):  # s = 1 (softmax ≤ 1), one base for the whole layer
-                a = self._adalog_fake(probs[None], s[..., None, None, None], q[..., None, None, None], bits, 0.0)
-                return (a @ vq - y).pow(2).mean((1, 2, 3, 4))[:, None]
+                def q_err(s, q):  # s = 1 (softmax ≤ 1), one base for the whole layer
+                    a = self._adalog_fake(probs[None], s[..., None, None, None], q[..., None, None, None], pb, 0.0)
+                    return (a @ vq - y).pow(2).mean((1, 2, 3, 4))[:, None]
 
-            err = evaluate(q_err, one.expand(len(qs), 1), qs, floats)
-            best_q = int(qs[err[:, 0].argmin(), 0])
-            pq = self._adalog_fake(probs, one[0, 0], best_q, bits, 0.0)
+                err = evaluate(q_err, one.expand(len(qs), 1), qs, floats)
+                best_q = int(qs[err[:, 0].argmin(), 0])
+                pq = self._adalog_fake(probs, one[0, 0], best_q, pb, 0.0)
+            else:
+                pq = probs
 
             def v_err(s, z):
-                return ((pq @ uniform_fake(v[None], s[:, None, :, None, None], z[:, None, :, None, None], bits)) - y
+                return ((pq @ fq_v(v[None], s[:, None, :, None, None], z[:, None, :, None, None])) - y
                         ).pow(2).mean((1, 3, 4))
 
-            vs = self.search.search_uniform(v_err, heads, bits, floats, [vs])
-        soft = AdaLogQuantizer(bits, best_q, self.opts.r, table=self.opts.table, name=attn.softmax_site.name)
-        soft.set_params(1.0)
-        attn.softmax_site.quantizer = soft
-        attn.v_site.quantizer = _uniform(bits, *vs, attn.v_site.name, channel_axis=1)
+            if vb is not None:
+                vs = self.search.search_uniform(v_err, heads, vb, floats, [vs])
+        site = sites["softmax"]
+        if pb is None:
+            site.quantizer, site.enabled = None, False
+        elif site.role != roles.POST_SOFTMAX:  # a mixed attention map (talking heads) is no probability
+            site.quantizer, site.enabled = _uniform(pb, *_minmax(probs.reshape(-1, 1), pb), site.name), True
+        else:
+            soft = AdaLogQuantizer(pb, best_q, self.opts.r, table=self.opts.table, name=site.name)
+            soft.set_params(1.0)
+            site.quantizer, site.enabled = soft, True
+        self._install(sites["v"], vb, *vs, per_head)
 
     # -- bias reparameterization --------------------------------------------------------------------
     @staticmethod

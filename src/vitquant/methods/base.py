@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from vitquant.errors import VitquantError
 
 if TYPE_CHECKING:
-    from vitquant.calibration.data import CalibrationSet
+    from vitquant.calibration.engine import Context
     from vitquant.config import QuantConfig
-    from vitquant.models.quantized import QuantizedModel
 
 
 @dataclasses.dataclass
@@ -21,8 +20,8 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `vitquant list`
     Options: ClassVar[type] = NoOptions
-    # extra quantization site groups the adapter must create (vitquant.models.timm_vit.EXTRA_SITES);
-    # quantize() and load() pass them to prepare()
+    # opt-in site groups prepare() must create (vitquant.models.roles.EXTRA_SITES); quantize() and
+    # load() pass them to prepare()
     requires_sites: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
@@ -43,5 +42,17 @@ class Method:
     def options(self, config: "QuantConfig"):
         return self.Options(**config.options)
 
-    def calibrate(self, qmodel: "QuantizedModel", calib: "CalibrationSet", config: "QuantConfig", progress: bool = True) -> None:
+    def check(self, structure) -> None:
+        """Raise a VitquantError naming what this method cannot handle in `structure` (before any work)."""
+
+    def fit(self, qmodel, calib, config: "QuantConfig", progress: bool = True) -> None:
+        """Calibrate a prepared model: resolve the per-site plan, build the context, run `calibrate`."""
+        from vitquant.calibration.engine import Context
+        from vitquant.plan import SitePlan
+
+        self.check(qmodel.structure)
+        self.calibrate(Context(qmodel, calib, config, SitePlan.resolve(config, qmodel.structure), progress))
+
+    def calibrate(self, ctx: "Context") -> None:
+        """Fit every quantizer of `ctx.qmodel` as `ctx.plan` says (bits per site, None = float)."""
         raise NotImplementedError

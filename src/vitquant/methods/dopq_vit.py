@@ -61,13 +61,13 @@ class DopQViT(RepQViT):
     summary = "DopQ-ViT (arXiv'24): TanQ post-softmax quantizer, median (MOSF) post-LN reparameterization"
     Options = DopQOptions
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
-        opts = self.options(config)
+    def calibrate(self, ctx) -> None:
+        opts = self.options(ctx.config)
         if opts.reconstruct:
             reconstruct_blocks, ReconstructionOptions = reconstruction_step()  # fail before any work
-        super().calibrate(qmodel, calib, config, progress)
+        super().calibrate(ctx)
         if opts.reconstruct:
-            reconstruct_blocks(qmodel, calib, ReconstructionOptions(iters=opts.reconstruct_iters), progress)
+            reconstruct_blocks(ctx.qmodel, ctx.calib, ReconstructionOptions(iters=opts.reconstruct_iters), ctx.progress)
 
     def softmax_quantizer(self, bits: int) -> TanQuantizer:
         return TanQuantizer(bits)

@@ -209,34 +209,22 @@ def _layer_input(model: torch.nn.Module, layer: QuantLinear, x: torch.Tensor) ->
     return captured[0]
 
 
-def _forward_order(qmodel, x: torch.Tensor) -> list[str]:
-    order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda m, _i: order.append(m.name))
-             for m in qmodel.weight_layers().values() if isinstance(m, QuantLinear)]
-    try:
-        with qmodel.bypassed():
-            qmodel(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
 class ERQ(RepQViT):
     name = "erq"
     summary = "ERQ (ICML'24): RepQ-ViT + ridge-regression activation error reduction + weight rounding refinement"
     Options = ERQOptions
 
     @torch.no_grad()
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
-        super().calibrate(qmodel, calib, config, progress)  # RepQ-ViT quantizers and reparameterization
+    def calibrate(self, ctx) -> None:
+        super().calibrate(ctx)  # RepQ-ViT quantizers and reparameterization
+        qmodel, config = ctx.qmodel, ctx.config
         opts = self.options(config)
         rule = RangeRule("mse", candidates=opts.candidates)
-        device = next(qmodel.parameters()).device
-        batches = [x.to(device) for x in calib.batches()]
+        batches = ctx.batches()
         reference = copy.deepcopy(qmodel)  # the float function (reparameterization is exact): ERQ's target
-        for name in tqdm(_forward_order(qmodel, batches[0][:1]), desc="erq", unit="layer",
-                         disable=not progress, leave=False):
+        linears = [n for n, m in qmodel.weight_layers().items()
+                   if isinstance(m, QuantLinear) and ctx.plan.weight(n) is not None]
+        for name in tqdm(linears, desc="erq", unit="layer", disable=not ctx.progress, leave=False):
             layer, ref_layer = qmodel.submodule(name), reference.submodule(name)
             stats = self._statistics(qmodel, reference, layer, ref_layer, batches, opts.sequential)
             lam = 0.1 * (opts.head_coe if opts.head_coe is not None and layer.input_site.role == "head" else opts.coe)
@@ -246,7 +234,7 @@ class ERQ(RepQViT):
             if opts.aqer:
                 theta = theta + aqer_delta(stats, theta, lam)
                 self._store(layer, theta)
-            q = UniformQuantizer(config.w_bits, channel_axis=0, name=f"{name}.weight").fit(layer.weight, rule)
+            q = UniformQuantizer(ctx.plan.weight(name), channel_axis=0, name=f"{name}.weight").fit(layer.weight, rule)
             layer.weight_quantizer = q
             if opts.wqer:
                 codes, theta = wqer(theta, q, stats, 0.1 * opts.coe, opts.max_flips)

@@ -49,10 +49,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vitquant.calibration.engine import observe_float
 from vitquant.methods.base import Method
 from vitquant.methods.steps import fit_weights
-from vitquant.models.qmodules import ActSite, QuantAttention
+from vitquant.errors import VitquantError
+from vitquant.models import roles
+from vitquant.models.qmodules import ActSite
 from vitquant.quantizers import RangeRule, UniformQuantizer
 from vitquant.quantizers.log_int_softmax import VARIANTS, LogIntSoftmaxQuantizer
 from vitquant.quantizers.ptf import MAX_FACTOR_LIMIT, PowerOfTwoFactorQuantizer
@@ -109,16 +110,25 @@ class FQViT(Method):
     Options = FQViTOptions
     requires_sites = ("embed", "residual", "branch_out", "attn_scores", "logits")
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+    def check(self, structure) -> None:
+        fused = [c for c in structure.cores if not c.fused]
+        if fused:
+            raise VitquantError(f"fq-vit: {fused[0].owner} computes attention with explicit matmuls; FQ-ViT's "
+                                "Log-Int-Softmax needs the attention scores, available for SDPA attention only")
+
+    def calibrate(self, ctx) -> None:
+        qmodel, config, plan = ctx.qmodel, ctx.config, ctx.plan
         opts = self.options(config)
-        a_bits = config.a_bits
-        attn_bits = opts.attn_bits or (min(LIS_BITS, a_bits) if opts.lis else a_bits)
-        fit_weights(qmodel, config.w_bits, RangeRule("minmax"), symmetric=True)
-        observers = observe_float(qmodel, list(calib.batches()), seed=config.seed, progress=progress)
+        fit_weights(qmodel, plan, RangeRule("minmax"), symmetric=True)
+        observers = ctx.observe()
         sites = qmodel.act_sites()
 
-        def uniform(group: list[ActSite], bits: int) -> None:
+        def uniform(group: list[ActSite], bits: int | None) -> None:
             """One layer-wise range for the whole group (each site gets its own copy of the quantizer)."""
+            if bits is None:
+                for s in group:
+                    s.enabled, s.quantizer = False, None
+                return
             obs = [observers[s.name] for s in group]
             lo = torch.stack([o.lo.min() for o in obs]).min()
             hi = torch.stack([o.hi.max() for o in obs]).max()
@@ -127,32 +137,30 @@ class FQViT(Method):
                 s.quantizer = UniformQuantizer(bits, name=s.name)
                 s.quantizer.set_range(lo, hi)
 
-        attentions = [m for m in qmodel.model.modules() if isinstance(m, QuantAttention)]
-        grouped = {"embed": [s for s in sites.values() if s.role == "embed"]}
-        for attn in attentions:  # the code quantizes the qkv output as one tensor
-            grouped[attn.name] = [attn.q_site, attn.k_site, attn.v_site]
+        grouped = {"embed": [s for s in sites.values() if s.role == roles.EMBED]}
+        for core in ctx.structure.cores:  # the code quantizes the qkv output as one tensor
+            grouped[core.name] = [sites[core.q], sites[core.k], sites[core.v]]
         for group in grouped.values():
             if group:
-                uniform(group, a_bits)
+                uniform(group, plan.act(group[0].name))
         in_group = {s.name for g in grouped.values() for s in g}
         for name, site in sites.items():
-            if name in in_group or site.role == "post_softmax":
+            if name in in_group or site.role == roles.POST_SOFTMAX:
                 continue
-            if site.role == "image":
-                if config.patch_embed_input_bits is None:
-                    site.enabled, site.quantizer = False, None
-                else:
-                    uniform([site], config.patch_embed_input_bits)
-            elif site.role == "residual" and opts.ptf:
+            bits = plan.act(name)
+            if site.role == roles.RESIDUAL and opts.ptf and bits is not None:
                 obs = observers[name]
-                site.quantizer = PowerOfTwoFactorQuantizer(a_bits, opts.max_factor, site.channel_axis, name).fit(
+                site.quantizer = PowerOfTwoFactorQuantizer(bits, opts.max_factor, site.channel_axis, name).fit(
                     obs.sample(), RangeRule("minmax"), obs.lo, obs.hi)
             else:
-                uniform([site], a_bits)
-        for attn in attentions:  # after the scores sites: LIS reads their scale
-            site = attn.softmax_site
-            if opts.lis:
+                uniform([site], bits)
+        for core in ctx.structure.cores:  # after the scores sites: LIS reads their scale
+            site, bits = sites[core.softmax], plan.act(core.softmax)
+            attn_bits = opts.attn_bits or (min(LIS_BITS, bits or 8) if opts.lis else bits)
+            if bits is None:
+                uniform([site], None)
+            elif opts.lis and core.scores is not None and sites[core.scores].quantizer is not None:
                 site.quantizer = LogIntSoftmaxQuantizer(attn_bits, opts.lis_variant, name=site.name)
-                site.quantizer.set_scores_scale(attn.scores_site.quantizer.scale)
+                site.quantizer.set_scores_scale(sites[core.scores].quantizer.scale)
             else:
                 uniform([site], attn_bits)

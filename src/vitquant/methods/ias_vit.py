@@ -49,12 +49,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from vitquant.calibration.engine import observe_float
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.reconstruction import ReconstructionOptions, float_teacher, reconstruct_blocks
-from vitquant.methods.repq_vit import reparameterize_post_ln
+from vitquant.methods.repq_vit import reparam_mappings, reparameterize_post_ln
 from vitquant.methods.steps import fit_activations, fit_weights
+from vitquant.models import roles
 from vitquant.quantizers import RangeRule, UniformQuantizer
 from vitquant.quantizers.sulq import DEFAULT_ETAS, ShiftUniformLog2Quantizer
 
@@ -110,32 +110,32 @@ class IaSViT(Method):
     Options = IaSViTOptions
     recommended_calib_size: ClassVar[int] = 256
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+    def calibrate(self, ctx) -> None:
+        qmodel, calib, config, plan, progress = ctx.qmodel, ctx.calib, ctx.config, ctx.plan, ctx.progress
         opts = self.options(config)
         iters = cpu_iters(config.w_bits, config.a_bits) if opts.iters is None else opts.iters
         act_rule = RangeRule("mse", candidates=opts.act_candidates)
-        pairs = [p for p in qmodel.norm_pairs
-                 if opts.reparam_head or qmodel.submodule(p.linears[0]).input_site.role == "post_ln"]
-        channel_wise = {qmodel.submodule(n).input_site.name for p in pairs for n in p.linears}
+        mappings = reparam_mappings(ctx, opts.reparam_head)
+        channel_wise = {ctx.structure.layer_input(n) for m in mappings for n in m.layers}
 
-        def plan(site, bits):
-            if site.role == "post_softmax":
+        def choose(site, bits):
+            if site.role == roles.POST_SOFTMAX:
                 return ShiftUniformLog2Quantizer(bits, opts.etas), act_rule
-            return UniformQuantizer(bits, channel_axis=-1 if site.name in channel_wise else None), act_rule
+            return UniformQuantizer(bits, channel_axis=site.channel_axis if site.name in channel_wise else None), act_rule
 
         teacher = float_teacher(qmodel)  # the original float model: both stages' targets
         # Stage 1: float weights, channel-wise post-LN activations; reconstruction trains the weights
-        observers = observe_float(qmodel, list(calib.batches()), seed=config.seed, progress=progress)
-        fit_activations(qmodel, observers, plan, config.a_bits, config.patch_embed_input_bits)
+        observers = ctx.observe()
+        fit_activations(qmodel, observers, choose, plan)
         del observers
         stage1 = opts.reconstruction("float", opts.stage1_inputs, iters, config.seed)
         reconstruct_blocks(qmodel, calib, stage1, progress=progress, teacher=teacher)
         # Stage 2: channel-wise → layer-wise, lossless while weights are float
-        for pair in pairs:
-            if qmodel.submodule(pair.linears[0]).input_site.quantizer is None:
-                raise VitquantError(f"ias-vit: {pair.linears[0]} has no input quantizer to reparameterize")
-            reparameterize_post_ln(qmodel, pair)
+        for mapping in mappings:
+            if qmodel.submodule(mapping.layers[0]).input_site.quantizer is None:
+                raise VitquantError(f"ias-vit: {mapping.layers[0]} has no input quantizer to reparameterize")
+            reparameterize_post_ln(qmodel, mapping)
         # Stage 3: weight quantization on (straight-through), the same reconstruction again
-        fit_weights(qmodel, config.w_bits, RangeRule("mse", candidates=opts.weight_candidates))
+        fit_weights(qmodel, plan, RangeRule("mse", candidates=opts.weight_candidates))
         stage3 = opts.reconstruction("ste", "quantized", iters, config.seed + 1)
         reconstruct_blocks(qmodel, calib, stage3, progress=progress, teacher=teacher)

@@ -45,9 +45,8 @@ from tqdm.auto import tqdm
 from vitquant.calibration.engine import observe_float
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
-from vitquant.methods.capture import capture
+from vitquant.calibration.capture import capture
 from vitquant.methods.grid_search import grid_argmin
-from vitquant.methods.ptq4vit import _groups
 from vitquant.methods.steps import fit_site, fit_weights
 from vitquant.models.qmodules import QuantLinear
 from vitquant.quantizers import RangeRule, UniformQuantizer
@@ -101,44 +100,49 @@ class NoisyQuant(Method):
     summary = "NoisyQuant (CVPR'23): fixed uniform noisy bias before each Linear-input quantizer"
     Options = NoisyQuantOptions
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+    def calibrate(self, ctx) -> None:
+        qmodel, config = ctx.qmodel, ctx.config
         self.opts = opts = self.options(config)
-        self.a_bits, self.seed = config.a_bits, config.seed
-        if getattr(qmodel, "deployable", False) and opts.noise != "none":
+        self.plan, self.seed = ctx.plan, config.seed
+        if ctx.plan.deployable and opts.noise != "none":
             raise VitquantError("noisyquant: a noisy bias Q(x + N) − N has no exact ONNX QDQ form, so it cannot be "
                                 "calibrated with deployable=True; use deployable=False, or options={'noise': 'none'}")
-        batches = list(calib.batches(opts.batch_size))
-        fit_weights(qmodel, config.w_bits, RangeRule("minmax"), symmetric=True)
-        self._fit_other_sites(qmodel, batches, config)
+        batches = ctx.batches(opts.batch_size)
+        fit_weights(qmodel, ctx.plan, RangeRule("minmax"), symmetric=True)
+        self._fit_other_sites(ctx, batches)
         linears = [l for l in qmodel.weight_layers().values() if isinstance(l, QuantLinear)]
         index = {l.name: i for i, l in enumerate(linears)}
-        for layers, _ in tqdm(_groups(linears, []), desc="noisyquant", unit="group", disable=not progress, leave=False):
+        groups = [[qmodel.submodule(n) for n in u.layers if n in index] for u in ctx.structure.units]
+        for layers in tqdm([g for g in groups if g], desc="noisyquant", unit="unit", disable=not ctx.progress,
+                           leave=False):
             caps, _ = capture(qmodel, layers, [], batches, with_grad=False)
             for layer in layers:
                 self._calibrate_linear(layer, caps.pop(layer.name).x, index[layer.name])
 
-    def _fit_other_sites(self, qmodel, batches, config) -> None:
-        """Matmul inputs and the image: per-tensor asymmetric min-max (as `minmax`), or float."""
+    def _fit_other_sites(self, ctx, batches) -> None:
+        """Matmul operands and conv inputs: per-tensor asymmetric min-max (as `minmax`), or float."""
         sites = []
-        for site in qmodel.act_sites().values():
-            if site.role in ("qk", "v", "post_softmax"):
-                quantize = self.opts.matmuls == "uniform"
-            elif site.role == "image":
-                quantize = config.patch_embed_input_bits is not None
-            else:
-                continue
+        linear_inputs = {f"{n}.input" for n, l in ctx.qmodel.weight_layers().items() if isinstance(l, QuantLinear)}
+        for site in ctx.qmodel.act_sites().values():
+            if site.name in linear_inputs:
+                continue  # NoisyQuant's own: searched below
+            bits = ctx.plan.act(site.name)
+            quantize = bits is not None and (self.opts.matmuls == "uniform" or site.role not in (
+                "qk", "v", "post_softmax", "attn_weights", "matmul"))
             site.enabled, site.quantizer = quantize, None
             if quantize:
                 sites.append(site)
         if not sites:
             return
-        observers = observe_float(qmodel, batches, sites=sites, seed=config.seed, progress=False)
+        observers = observe_float(ctx.qmodel, batches, sites=sites, seed=ctx.config.seed, progress=False)
         for site in sites:
-            bits = config.patch_embed_input_bits if site.role == "image" else self.a_bits
-            fit_site(site, UniformQuantizer(bits), observers[site.name], RangeRule("minmax"))
+            fit_site(site, UniformQuantizer(ctx.plan.act(site.name)), observers[site.name], RangeRule("minmax"))
 
     def _calibrate_linear(self, layer: QuantLinear, x: torch.Tensor, index: int) -> None:
-        ab, opts = self.a_bits, self.opts
+        ab, opts = self.plan.act(layer.input_site.name), self.opts
+        if ab is None:
+            layer.input_site.enabled, layer.input_site.quantizer = False, None
+            return
         x = x.reshape(-1, layer.in_features)
         w = layer.weight.detach()
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
@@ -163,12 +167,12 @@ class NoisyQuant(Method):
         if opts.noise == "uniform":
             noise = (torch.rand(layer.in_features, generator=gen) - 0.5) * step
         else:
-            noise = self._code_noise(search, step, gen)
+            noise = self._code_noise(search, step, gen, ab)
         site.quantizer = NoisyBiasQuantizer(base, noise, channel_axis=-1, name=site.name)
 
-    def _code_noise(self, search: "_OutputSearch", step: float, gen: torch.Generator) -> torch.Tensor:
+    def _code_noise(self, search: "_OutputSearch", step: float, gen: torch.Generator, ab: int) -> torch.Tensor:
         """The released code's noise: Gaussian draw, then a searched constant shift and range multiplier."""
-        ab, opts = self.a_bits, self.opts
+        opts = self.opts
         raw = (torch.randn(search.x.shape[1], generator=gen) * 2 - 1) * step
 
         def denoised(xs, noise):  # Q(x + N) − N

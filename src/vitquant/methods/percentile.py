@@ -24,6 +24,6 @@ class Percentile(MinMax):
     summary = "base PTQ with percentile-clipped activation ranges (default 99.99%)"
     Options = PercentileOptions
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
-        self.activation_rule = RangeRule("percentile", percentile=self.options(config).percentile)
-        super().calibrate(qmodel, calib, config, progress)
+    def calibrate(self, ctx) -> None:
+        self.activation_rule = RangeRule("percentile", percentile=self.options(ctx.config).percentile)
+        super().calibrate(ctx)

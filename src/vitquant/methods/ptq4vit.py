@@ -13,7 +13,7 @@ Recipe:
    the twin GELU negative step fixed. Weight and input scales (or the two matmul operands) are searched
    alternately for 3 rounds, each layer on the float model's inputs ("parallel" calibration).
 4. Metric, "Hessian-guided": minimize mean((∂L/∂O ⊙ (O − Ô))²) at the layer output O (for matmuls: the
-   product), L the task loss. See methods/capture.py for how O and ∂L/∂O are captured.
+   product), L the task loss. See calibration/capture.py for how O and ∂L/∂O are captured.
 
 Deviations from the paper / official code:
 - ∂L/∂O: the paper's task loss needs labels; we use L = CE(z, argmax z_FP), the cross-entropy against
@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitquant.methods.base import Method
-from vitquant.methods.capture import AttentionCapture, LayerCapture, capture
+from vitquant.calibration.capture import CoreCapture, LayerCapture, capture
 from vitquant.methods.grid_search import grid_argmin
-from vitquant.models.qmodules import QuantAttention, QuantConv2d, QuantLinear
+from vitquant.models.qmodules import QuantConv2d, QuantLinear
 from vitquant.quantizers import UniformQuantizer
 from vitquant.quantizers.twin_uniform import (SPLIT_EXPONENTS, TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
                                               gelu_twin_fake_quant, softmax_twin_fake_quant)
@@ -100,27 +100,28 @@ class PTQ4ViT(Method):
     summary = "PTQ4ViT (ECCV'22): twin uniform softmax/GELU quantizers, Hessian-guided scale search"
     Options = PTQ4ViTOptions
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
+    def calibrate(self, ctx) -> None:
+        qmodel, config = ctx.qmodel, ctx.config
         self.opts = opts = self.options(config)
-        self.w_bits, self.a_bits = config.w_bits, config.a_bits
-        self.image_bits = config.patch_embed_input_bits if opts.quantize_image else None
+        self.plan = ctx.plan
+        self.quantize_image = opts.quantize_image
         # twin uniform grids have no exact ONNX QDQ form: QuantConfig(deployable=True) searches plain ones
-        self.twin = opts.twin and not getattr(qmodel, "deployable", False)
+        self.twin = opts.twin and not ctx.plan.deployable
         self.mults = torch.linspace(opts.alpha, opts.beta, opts.candidates)
-        batches = list(calib.batches(opts.batch_size))
-        attentions = [m for m in qmodel.model.modules() if isinstance(m, QuantAttention)]
-        self.qkv = {a.qkv.name for a in attentions}
-        groups = _groups(list(qmodel.weight_layers().values()), attentions)
-        for layers, attns in tqdm(groups, desc="ptq4vit", unit="group", disable=not progress, leave=False):
-            layer_caps, attn_caps = capture(qmodel, layers, attns, batches, with_grad=opts.metric == "hessian")
+        batches = ctx.batches(opts.batch_size)
+        self.qkv = dict(ctx.structure.fused_qkv)  # layer → number of q/k/v parts: one scale each
+        cores = {c.name: c for c in ctx.structure.cores}
+        groups = [([qmodel.submodule(n) for n in u.layers], [cores[c] for c in u.cores]) for u in ctx.structure.units]
+        for layers, unit_cores in tqdm(groups, desc="ptq4vit", unit="unit", disable=not ctx.progress, leave=False):
+            layer_caps, core_caps = capture(qmodel, layers, unit_cores, batches, with_grad=opts.metric == "hessian")
             for layer in layers:
                 cap = layer_caps.pop(layer.name)
                 if isinstance(layer, QuantConv2d):
                     self._calibrate_conv(layer, cap)
                 else:
                     self._calibrate_linear(layer, cap)
-            for attn in attns:
-                self._calibrate_attention(attn, attn_caps.pop(attn.name))
+            for core in unit_cores:
+                self._calibrate_attention(qmodel.core_sites(core), core.name, core_caps.pop(core.name))
 
     # -- metric -------------------------------------------------------------------------------------
     def _weights(self, grad: torch.Tensor | None, what: str) -> torch.Tensor | None:
@@ -145,86 +146,101 @@ class PTQ4ViT(Method):
 
     # -- Linear -------------------------------------------------------------------------------------
     def _calibrate_linear(self, layer: QuantLinear, cap: LayerCapture) -> None:
-        wb, ab, opts = self.w_bits, self.a_bits, self.opts
+        site, opts = layer.input_site, self.opts
+        wb, ab = self.plan.weight(layer.name), self.plan.act(site.name)  # None: kept float by the plan
         x = cap.x.reshape(-1, layer.in_features)
         W, out = layer.weight.detach(), layer.out_features
-        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(out)
+        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(out, device=W.device)
         ref = F.linear(x, W, bias)
         gw = self._weights(cap.grad, layer.name)
         gw = gw.reshape(-1, out) if gw is not None else None
-        groups = 3 if layer.name in self.qkv and out % 3 == 0 else 1  # qkv: one scale each for q, k, v
+        groups = self.qkv.get(layer.name, 1) if out % self.qkv.get(layer.name, 1) == 0 else 1  # q, k, v: a scale each
         Wg = W.reshape(groups, out // groups, -1)
-        twin = self.twin and layer.input_site.role == "post_gelu"
-        if twin:  # the positive range is searched; the negative one is fixed (GELU's minimum)
+        twin = self.twin and site.role == "post_gelu"
+        if ab is None:
+            fq_act, a_base = (lambda t, s: t), None  # noqa: E731
+        elif twin:  # the positive range is searched; the negative one is fixed (GELU's minimum)
             fq_act = lambda t, s: gelu_twin_fake_quant(t, s, ab)  # noqa: E731
             a_base = _minmax_step(x.max().clamp_min(0), ab)
         else:
             fq_act = lambda t, s: symmetric_fake_quant(t, s, ab)  # noqa: E731
             a_base = _minmax_step(x.abs().max(), ab)
-        w_cands = self.mults[:, None] * _minmax_step(Wg.abs().amax(dim=(1, 2)), wb)[None]  # [K, groups]
-        a_cands = (self.mults * a_base)[:, None]  # [K, 1]
         s_a = a_base  # the first weight search sees min-max inputs, as in the code
         rows, per = x.shape[0], out // groups
+        s_w, wq = None, W
 
         for _ in range(opts.rounds):
             xq = fq_act(x, s_a)
+            if wb is not None:
+                w_cands = self.mults[:, None] * _minmax_step(Wg.abs().amax(dim=(1, 2)), wb)[None]  # [K, groups]
 
-            def w_err(c, items):
-                k = c.shape[0]
-                wq = symmetric_fake_quant(Wg[None], c[:, :, None, None], wb).reshape(k * out, -1)
-                o = F.linear(xq[items], wq, bias.repeat(k)).reshape(-1, k, groups, per)
-                e = self._sq_err(ref[items].reshape(-1, 1, groups, per), o,
-                                 gw[items].reshape(-1, 1, groups, per) if gw is not None else None)
-                return e.sum(dim=(0, 3))
+                def w_err(c, items):
+                    k = c.shape[0]
+                    wq = symmetric_fake_quant(Wg[None], c[:, :, None, None], wb).reshape(k * out, -1)
+                    o = F.linear(xq[items], wq, bias.repeat(k)).reshape(-1, k, groups, per)
+                    e = self._sq_err(ref[items].reshape(-1, 1, groups, per), o,
+                                     gw[items].reshape(-1, 1, groups, per) if gw is not None else None)
+                    return e.sum(dim=(0, 3))
 
-            s_w = grid_argmin(w_cands, rows, out + x.shape[1], w_err)
-            wq = symmetric_fake_quant(Wg, s_w[:, None, None], wb).reshape(out, -1)
+                s_w = grid_argmin(w_cands, rows, out + x.shape[1], w_err)
+                wq = symmetric_fake_quant(Wg, s_w[:, None, None], wb).reshape(out, -1)
+            if ab is None:
+                break
 
             def a_err(c, items):
                 o = F.linear(fq_act(x[items][None], c.reshape(-1, 1, 1)), wq, bias)
                 return self._sq_err(ref[items][None], o, gw[items][None] if gw is not None else None).sum(dim=(1, 2))[:, None]
 
-            s_a = grid_argmin(a_cands, rows, out + x.shape[1], a_err)[0]
+            s_a = grid_argmin((self.mults * a_base)[:, None], rows, out + x.shape[1], a_err)[0]
 
-        per_channel = s_w.repeat_interleave(per)
-        layer.weight_quantizer = full_range_symmetric(wb, per_channel if groups > 1 else s_w[0],
-                                                      0 if groups > 1 else None, f"{layer.name}.weight")
-        site = layer.input_site
-        if twin:
+        if s_w is not None:
+            per_channel = s_w.repeat_interleave(per)
+            layer.weight_quantizer = full_range_symmetric(wb, per_channel if groups > 1 else s_w[0],
+                                                          0 if groups > 1 else None, f"{layer.name}.weight")
+        if ab is None:
+            site.quantizer, site.enabled = None, False
+        elif twin:
             site.quantizer = TwinUniformGeluQuantizer(ab, name=site.name)
             site.quantizer.set_pos_scale(s_a)
+            site.enabled = True
         else:
-            site.quantizer = full_range_symmetric(ab, s_a, None, site.name)
-        site.enabled = True
+            site.quantizer, site.enabled = full_range_symmetric(ab, s_a, None, site.name), True
 
     # -- patch-embedding conv -----------------------------------------------------------------------
     def _calibrate_conv(self, conv: QuantConv2d, cap: LayerCapture) -> None:
-        wb, ib = self.w_bits, self.image_bits
+        site = conv.input_site
+        wb = self.plan.weight(conv.name)
+        # PTQ4ViT keeps the image in float (the code builds the conv with a_bit=32); other convs' inputs
+        # (hybrid stems, depthwise convs) are quantized like every matmul input
+        ib = self.plan.act(site.name) if (site.role != "image" or self.quantize_image) else None
         x, W = cap.x, conv.weight.detach()
-        if conv.groups != 1:
-            raise NotImplementedError(f"ptq4vit: grouped conv {conv.name!r} is not supported")
-        out = W.shape[0]
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(out)
-        conv_fn = lambda t, w, b: F.conv2d(t, w, b, conv.stride, conv.padding, conv.dilation)  # noqa: E731
+        out, g = W.shape[0], conv.groups
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(out, device=W.device)
+        conv_fn = lambda t, w, b: F.conv2d(t, w, b, conv.stride, conv.padding, conv.dilation, g)  # noqa: E731
         ref = conv_fn(x, W, bias)
         gw = self._weights(cap.grad, conv.name)
-        w_cands = self.mults[:, None] * _minmax_step(W.abs().amax(dim=(1, 2, 3)), wb)[None]  # per output channel
         x_base = _minmax_step(x.abs().max(), ib) if ib else None
-        s_x = x_base
+        s_x, s_w, wq = x_base, None, W
         per_image = ref[0].numel()
         for _ in range(self.opts.rounds if ib else 1):  # a float input leaves nothing to alternate with
             xq = symmetric_fake_quant(x, s_x, ib) if ib else x
+            if wb is not None:
+                w_cands = self.mults[:, None] * _minmax_step(W.abs().amax(dim=(1, 2, 3)), wb)[None]  # per channel
 
-            def w_err(c, items):
-                k = c.shape[0]
-                wq = symmetric_fake_quant(W[None], c[:, :, None, None, None], wb).reshape(k * out, *W.shape[1:])
-                o = conv_fn(xq[items], wq, bias.repeat(k)).reshape(-1, k, *ref.shape[1:])
-                e = self._sq_err(ref[items][:, None], o, gw[items][:, None] if gw is not None else None)
-                return e.sum(dim=(0, 3, 4))
+                def w_err(c, items):
+                    k = c.shape[0]
+                    wq = symmetric_fake_quant(W[None], c[:, :, None, None, None], wb)
+                    if g == 1:  # all candidates in one conv: [k·out] output channels
+                        o = conv_fn(xq[items], wq.reshape(k * out, *W.shape[1:]), bias.repeat(k))
+                        o = o.reshape(-1, k, *ref.shape[1:])
+                    else:  # grouped: one conv per candidate keeps each group on its own inputs
+                        o = torch.stack([conv_fn(xq[items], wq[i], bias) for i in range(k)], dim=1)
+                    e = self._sq_err(ref[items][:, None], o, gw[items][:, None] if gw is not None else None)
+                    return e.sum(dim=(0, 3, 4))
 
-            s_w = grid_argmin(w_cands, x.shape[0], per_image + x[0].numel(), w_err)
-            if ib:
+                s_w = grid_argmin(w_cands, x.shape[0], per_image + x[0].numel(), w_err)
                 wq = symmetric_fake_quant(W, s_w[:, None, None, None], wb)
+            if ib:
 
                 def x_err(c, items):
                     k = c.shape[0]
@@ -234,47 +250,57 @@ class PTQ4ViT(Method):
                     return e.sum(dim=(1, 2, 3, 4))[:, None]
 
                 s_x = grid_argmin((self.mults * x_base)[:, None], x.shape[0], per_image + x[0].numel(), x_err)[0]
-        conv.weight_quantizer = full_range_symmetric(wb, s_w, 0, f"{conv.name}.weight")
-        site = conv.input_site
+        if s_w is not None:
+            conv.weight_quantizer = full_range_symmetric(wb, s_w, 0, f"{conv.name}.weight")
         if ib:
             site.quantizer, site.enabled = full_range_symmetric(ib, s_x, None, site.name), True
-        else:  # PTQ4ViT keeps the image in float (the code builds the conv with a_bit=32)
+        else:
             site.quantizer, site.enabled = None, False
 
     # -- attention matmuls --------------------------------------------------------------------------
-    def _calibrate_attention(self, attn: QuantAttention, cap: AttentionCapture) -> None:
-        ab, heads = self.a_bits, cap.q.shape[1]
+    def _calibrate_attention(self, sites: dict, name: str, cap: CoreCapture) -> None:
+        bits = {k: self.plan.act(site.name) for k, site in sites.items()}
+        heads = cap.q.shape[1] if cap.q.dim() == 4 else 1
         per_head = heads if self.opts.matmul_per_head else 1
-        uniform = lambda t, s: symmetric_fake_quant(t, s, ab)  # noqa: E731
 
-        def step(t):  # min-max step per tensor, or per head
+        def uniform(key):
+            b = bits[key]
+            return (lambda t, s: t) if b is None else (lambda t, s: symmetric_fake_quant(t, s, b))
+
+        def step(t, key):  # min-max step per tensor, or per head
             dims = (0, 2, 3) if per_head > 1 else tuple(range(t.dim()))
-            return _minmax_step(t.abs().amax(dim=dims).reshape(-1), ab)
+            return _minmax_step(t.abs().amax(dim=dims).reshape(-1), bits[key] or 8)
 
         # Q·Kᵀ: O1 = q kᵀ (the 1/√d scale comes after the product, so it only rescales the metric)
-        q_cands = self.mults[:, None] * step(cap.q)[None]
-        k_cands = self.mults[:, None] * step(cap.k)[None]
-        s_q, s_k = self._search_matmul(cap.q, cap.k.transpose(-2, -1), cap.grad_scores, uniform, q_cands,
-                                       uniform, k_cands, f"{attn.name} q·kᵀ")
+        q_cands = self.mults[:, None] * step(cap.q, "q")[None]
+        k_cands = self.mults[:, None] * step(cap.kt, "k")[None]
+        s_q, s_k = self._search_matmul(cap.q, cap.kt, cap.grad_scores, uniform("q"), q_cands,
+                                       uniform("k"), k_cands, f"{name} q·kᵀ")
         # probs·V: twin uniform probs (split searched over {2^-i}, initial split 0.01 as in the code), uniform V
-        v_cands = self.mults[:, None] * step(cap.v)[None]
-        if self.twin:
-            twin = lambda t, s: softmax_twin_fake_quant(t, s, ab)  # noqa: E731
+        v_cands = self.mults[:, None] * step(cap.v, "v")[None]
+        twin = self.twin and bits["softmax"] is not None
+        if twin:
+            fq_p = lambda t, s: softmax_twin_fake_quant(t, s, bits["softmax"])  # noqa: E731
             splits = torch.tensor([2.0**-i for i in range(SPLIT_EXPONENTS)])[:, None]
-            s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, twin, splits, uniform, v_cands,
-                                           f"{attn.name} probs·v", a_init=torch.tensor([0.01]))
+            s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, fq_p, splits, uniform("v"), v_cands,
+                                           f"{name} probs·v", a_init=torch.tensor([0.01]))
         else:
-            p_cands = self.mults[:, None] * step(cap.probs)[None]
-            s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, uniform, p_cands, uniform, v_cands,
-                                           f"{attn.name} probs·v")
+            p_cands = self.mults[:, None] * step(cap.probs, "softmax")[None]
+            s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, uniform("softmax"), p_cands,
+                                           uniform("v"), v_cands, f"{name} probs·v")
         axis = 1 if per_head > 1 else None  # the sites see [B, H, N, ·]
-        for site, s in ((attn.q_site, s_q), (attn.k_site, s_k), (attn.v_site, s_v)) + (
-                () if self.twin else ((attn.softmax_site, s_p),)):
-            site.quantizer, site.enabled = full_range_symmetric(ab, s if axis else s[0], axis, site.name), True
-        if self.twin:
-            attn.softmax_site.quantizer = TwinUniformSoftmaxQuantizer(ab, name=attn.softmax_site.name)
-            attn.softmax_site.quantizer.set_split(float(s_p[0]))
-            attn.softmax_site.enabled = True
+        for key, s in (("q", s_q), ("k", s_k), ("v", s_v)) + (() if twin else (("softmax", s_p),)):
+            site = sites[key]
+            if bits[key] is None:
+                site.quantizer, site.enabled = None, False
+            else:
+                site.quantizer = full_range_symmetric(bits[key], s if axis else s[0], axis, site.name)
+                site.enabled = True
+        if twin:
+            site = sites["softmax"]
+            site.quantizer = TwinUniformSoftmaxQuantizer(bits["softmax"], name=site.name)
+            site.quantizer.set_split(float(s_p[0]))
+            site.enabled = True
 
     def _search_matmul(self, a, b, grad, fq_a, a_cands, fq_b, b_cands, what, a_init=None):
         """Alternate the scales of the two operands of O = a @ b ([B, H, ·, ·]); candidates are
@@ -307,18 +333,3 @@ class PTQ4ViT(Method):
             aq = quant(fq_a, a, s_a)
             s_b = grid_argmin(b_cands, a.shape[0], per_image, err("b"))
         return s_a, s_b
-
-
-def _groups(layers, attentions) -> list[tuple[list, list]]:
-    """Layers and attentions grouped by transformer block (captured together), in forward order."""
-    groups: dict[str, tuple[list, list]] = {}
-
-    def key(name: str) -> str:
-        parts = name.split(".")
-        return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else name
-
-    for layer in layers:
-        groups.setdefault(key(layer.name), ([], []))[0].append(layer)
-    for attn in attentions:
-        groups.setdefault(key(attn.name), ([], []))[1].append(attn)
-    return list(groups.values())

@@ -4,8 +4,8 @@ Li et al., "BRECQ: Pushing the Limit of Post-Training Quantization by Block Reco
 Wei et al., "QDrop: Randomly Dropping Quantization for Extremely Low-bit PTQ", ICLR'22; used by
 I&S-ViT, AdaLog (--optimize), DopQ-ViT and APHQ-ViT.
 
-Unit by unit, in forward order (the patch-embedding conv and the head as single layers, every
-transformer block as one unit), minimise ‖f_q(x) − f(x̄)‖² between the unit's quantized output and the
+Unit by unit, in forward order (the traced structure's units: every transformer block — whatever its
+class — as one unit, layers outside blocks such as the patch embedding and the head alone), minimise ‖f_q(x) − f(x̄)‖² between the unit's quantized output and the
 float model's output, on calibration images:
 - x (`inputs="quantized"`): the unit's input as the quantized model computes it, earlier units already
   reconstructed (sequential, BRECQ); `inputs="float"`: the float model's input of the unit.
@@ -51,7 +51,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vitquant.calibration.data import CalibrationSet
+from vitquant.calibration.engine import UnitInputs, first_tensor, run_unit, unit_io
 from vitquant.errors import VitquantError
+from vitquant.models.dispatch import quiet
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
 from vitquant.models.quantized import QuantizedModel
 from vitquant.quantizers import UniformQuantizer
@@ -108,28 +110,12 @@ class UnitResult:
     seconds: float
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the unit of interest has been reached."""
-
-
 # -- structure ---------------------------------------------------------------------------------------
-def reconstruction_units(qmodel: QuantizedModel, example: torch.Tensor) -> list[str]:
-    """Names of the units in forward order: every child of `blocks` and every weight layer outside it."""
-    blocks = getattr(qmodel.model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential | nn.ModuleList):
-        raise VitquantError(f"block reconstruction needs a model with a `blocks` container (timm ViT); "
-                            f"this {qmodel.adapter} model has none")
-    names = [f"blocks.{i}" for i in range(len(blocks))]
-    names += [n for n in qmodel.weight_layers() if not n.startswith("blocks.")]
-    order: list[str] = []
-    hooks = [qmodel.submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in names]
-    try:
-        with qmodel.bypassed(), torch.no_grad():
-            qmodel(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
+def reconstruction_units(qmodel: QuantizedModel) -> list[str]:
+    """Names of the units in forward order (the traced structure's units: blocks, and single layers)."""
+    if not qmodel.structure.units:
+        raise VitquantError("block reconstruction needs units, but this model's structure has none")
+    return [u.name for u in qmodel.structure.units]
 
 
 def float_teacher(qmodel: QuantizedModel) -> QuantizedModel:
@@ -140,61 +126,38 @@ def float_teacher(qmodel: QuantizedModel) -> QuantizedModel:
     return teacher.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int,
-             with_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    ins, outs = [], []
-
-    def pre(_m, args):
-        ins.append(args[0].detach())
-        if not with_output:
-            raise _Stop
-
-    def post(_m, _args, out):
-        outs.append(out.detach())
-        raise _Stop
-
-    handles = [unit.register_forward_pre_hook(pre)] + ([unit.register_forward_hook(post)] if with_output else [])
-    try:
-        for x in images.split(batch_size):
-            try:
-                model(x)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat(ins), (torch.cat(outs) if with_output else None)
-
-
 FLOAT_CACHE_BYTES = 1 << 30  # above this, the float targets are recomputed unit by unit
 
 
 @torch.no_grad()
 def _float_targets(teacher: QuantizedModel, names: list[str], images: torch.Tensor,
-                   batch_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """Every unit's float input and output in one forward pass (instead of one pass per unit, which
+                   batch_size: int) -> dict[str, tuple[UnitInputs, torch.Tensor]] | None:
+    """Every unit's float call and output in one forward pass (instead of one pass per unit, which
     costs O(units²) block forwards), or None when they would take more than FLOAT_CACHE_BYTES."""
     store: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
 
     def hook(name):
-        def save(_m, args, out):
-            store[name][0].append(args[0].detach())
-            store[name][1].append(out.detach())
+        def save(_m, args, kwargs, out):
+            with quiet():
+                store[name][0].append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                                       {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+                store[name][1].append(first_tensor(out).detach())
         return save
 
-    handles = [teacher.submodule(n).register_forward_hook(hook(n)) for n in names]
+    handles = [teacher.submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
     try:
         for i, x in enumerate(images.split(batch_size)):
             teacher(x)
             if i == 0:
-                per_image = sum(t.numel() * t.element_size() for ins, outs in store.values() for t in ins + outs) / len(x)
+                per_image = sum(t.numel() * t.element_size() for calls, outs in store.values() for t in
+                                [o for o in outs] + [a for c in calls for a in c[0] if isinstance(a, torch.Tensor)]
+                                ) / len(x)
                 if per_image * len(images) > FLOAT_CACHE_BYTES:
                     return None
     finally:
         for h in handles:
             h.remove()
-    return {n: (torch.cat(ins), torch.cat(outs)) for n, (ins, outs) in store.items()}
+    return {n: (UnitInputs(calls), torch.cat(outs)) for n, (calls, outs) in store.items()}
 
 
 # -- training views ----------------------------------------------------------------------------------
@@ -299,28 +262,47 @@ class _UnitTrainer:
             p.requires_grad_(flag)
 
 
-def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    channel_dim = 1 if out.dim() == 4 else -1  # conv outputs are [B, C, H, W], token outputs [B, N, C]
+def _rec_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return (out - target).pow(2).sum(channel_dim).mean()
 
 
 @torch.no_grad()
-def _mse(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
-    total = sum((unit(x) - t).pow(2).sum().item() for x, t in zip(inputs.split(batch_size), targets.split(batch_size)))
+def _mse(unit: nn.Module, inputs: UnitInputs, targets: torch.Tensor, batch_size: int) -> float:
+    total = 0.0
+    for start in range(0, len(inputs), batch_size):
+        idx = slice(start, start + batch_size)
+        total += (run_unit(unit, inputs, idx) - targets[idx]).pow(2).sum().item()
     return total / targets.numel()
+
+
+@torch.no_grad()
+def _outputs(unit: nn.Module, inputs: UnitInputs, batch_size: int) -> torch.Tensor:
+    return torch.cat([run_unit(unit, inputs, slice(s, s + batch_size)) for s in range(0, len(inputs), batch_size)])
+
+
+def _channel_dim(qmodel: QuantizedModel, name: str, out: torch.Tensor) -> int:
+    """Conv outputs are [B, C, H, W]; token outputs (even 4-D, Swin's [B, H, W, C]) keep channels last."""
+    last = qmodel.submodule(qmodel.structure.unit(name).layers[-1])
+    return 1 if isinstance(last, QuantConv2d) and out.dim() == 4 else -1
 
 
 def _reconstruct_unit(qmodel: QuantizedModel, teacher: QuantizedModel, targets: dict | None, name: str,
                       images: torch.Tensor, opts: ReconstructionOptions, gen: torch.Generator,
-                      progress: bool) -> UnitResult:
+                      progress: bool, chained_input: torch.Tensor | None) -> tuple[UnitResult, UnitInputs]:
     t0 = time.perf_counter()
     unit = qmodel.submodule(name)
     if targets is not None:
         f_in, f_out = targets.pop(name)
     else:
-        f_in, f_out = _capture(teacher, teacher.submodule(name), images, opts.batch_size, with_output=True)
-    x_in = f_in if opts.inputs == "float" else _capture(qmodel, unit, images, opts.batch_size, with_output=False)[0]
+        f_in, f_out = unit_io(teacher, name, images, opts.batch_size, with_output=True)
+    if opts.inputs == "float":
+        x_in = f_in
+    elif chained_input is not None:  # the previous (quantized) unit's output is this unit's input
+        x_in = f_in.with_x(chained_input)
+    else:
+        x_in = unit_io(qmodel, name, images, opts.batch_size, with_output=False)[0]
     mse_before = _mse(unit, x_in, f_out, opts.batch_size)
+    channel_dim = _channel_dim(qmodel, name, f_out)
     trainer = _UnitTrainer(unit, opts, gen)
     try:
         groups = trainer.param_groups()
@@ -329,13 +311,13 @@ def _reconstruct_unit(qmodel: QuantizedModel, teacher: QuantizedModel, targets: 
             cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / opts.iters))  # noqa: E731
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, [cosine if g["cosine"] else (lambda s: 1.0) for g in groups])
-            n, bs = x_in.shape[0], min(opts.batch_size, x_in.shape[0])
+            n, bs = len(x_in), min(opts.batch_size, len(x_in))
             bar = tqdm(range(opts.iters), desc=f"reconstructing {name}", unit="it", leave=False, disable=not progress)
             trainer.set_dropping(True)
             with torch.enable_grad():
                 for step in bar:
                     idx = torch.randperm(n, generator=gen)[:bs]
-                    rec = _rec_loss(unit(x_in[idx]), f_out[idx])
+                    rec = _rec_loss(run_unit(unit, x_in, idx), f_out[idx], channel_dim)
                     reg = trainer.regularizer(step)
                     loss = rec if reg is None else rec + reg
                     optimizer.zero_grad(set_to_none=True)
@@ -348,7 +330,7 @@ def _reconstruct_unit(qmodel: QuantizedModel, teacher: QuantizedModel, targets: 
     finally:
         trainer.finish()
     mse_after = _mse(unit, x_in, f_out, opts.batch_size)
-    return UnitResult(mse_before, mse_after, time.perf_counter() - t0)
+    return UnitResult(mse_before, mse_after, time.perf_counter() - t0), x_in
 
 
 def reconstruct_blocks(
@@ -371,10 +353,15 @@ def reconstruct_blocks(
     results = {}
     try:
         with _weights_float(qmodel, opts.weights == "float"):
-            units = reconstruction_units(qmodel, images)
+            units = reconstruction_units(qmodel)
             targets = _float_targets(teacher, units, images, opts.batch_size)
+            chained = {u.name: u.chained for u in qmodel.structure.units}
+            nxt = None
             for name in units:
-                results[name] = _reconstruct_unit(qmodel, teacher, targets, name, images, opts, gen, progress)
+                results[name], x_in = _reconstruct_unit(qmodel, teacher, targets, name, images, opts, gen, progress,
+                                                        nxt if chained[name] and targets is not None else None)
+                # what the next unit receives from this one, now that it is reconstructed
+                nxt = _outputs(qmodel.submodule(name), x_in, opts.batch_size) if opts.inputs == "quantized" else None
     finally:
         qmodel.train(was_training)
     return results

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vitquant.calibration.engine import observe_float
 from vitquant.methods.base import Method
 from vitquant.methods.reparam import fold_channel_affine
 from vitquant.methods.steps import fit_activations, fit_weights
+from vitquant.models import roles
 from vitquant.quantizers import LogSqrt2Quantizer, Quantizer, RangeRule, UniformQuantizer
 
 PERCENTILE_MSE = RangeRule("mse", candidates=(0.999, 0.9999, 0.99999))
@@ -51,24 +51,24 @@ class RepQViT(Method):
     summary = "RepQ-ViT (ICCV'23): post-LN channel-wise→layer-wise reparameterization, log√2 softmax"
     Options = RepQOptions
 
-    def calibrate(self, qmodel, calib, config, progress=True) -> None:
-        opts = self.options(config)
+    def calibrate(self, ctx) -> None:
+        opts = self.options(ctx.config)
         rule = RangeRule("mse", candidates=opts.candidates)
-        pairs = [p for p in qmodel.norm_pairs
-                 if opts.reparam_head or qmodel.submodule(p.linears[0]).input_site.role == "post_ln"]
-        channel_wise = {qmodel.submodule(p.linears[0]).input_site.name for p in pairs}
+        qmodel, plan = ctx.qmodel, ctx.plan
+        mappings = reparam_mappings(ctx, opts.reparam_head)
+        channel_wise = {ctx.structure.layer_input(m.layers[0]) for m in mappings}
 
-        def plan(site, bits):
-            if site.role == "post_softmax":
+        def choose(site, bits):
+            if site.role == roles.POST_SOFTMAX:
                 return self.softmax_quantizer(bits), rule
-            return UniformQuantizer(bits, channel_axis=-1 if site.name in channel_wise else None), rule
+            return UniformQuantizer(bits, channel_axis=site.channel_axis if site.name in channel_wise else None), rule
 
-        fit_weights(qmodel, config.w_bits, rule)
-        observers = observe_float(qmodel, list(calib.batches()), seed=config.seed, progress=progress)
-        fit_activations(qmodel, observers, plan, config.a_bits, config.patch_embed_input_bits)
-        for pair in pairs:
-            reparameterize_post_ln(qmodel, pair, self.layerwise_scale_choice(opts))
-        fit_weights(qmodel, config.w_bits, rule)  # the weights changed
+        fit_weights(qmodel, plan, rule)
+        observers = ctx.observe()
+        fit_activations(qmodel, observers, choose, plan)
+        for mapping in mappings:
+            reparameterize_post_ln(qmodel, mapping, self.layerwise_scale_choice(opts))
+        fit_weights(qmodel, plan, rule)  # the weights changed
 
     # hooks for methods that are RepQ-ViT with one part swapped (DopQ-ViT)
     def softmax_quantizer(self, bits: int) -> Quantizer:
@@ -78,12 +78,21 @@ class RepQViT(Method):
         return "mean"
 
 
-def reparameterize_post_ln(qmodel, pair, scale_choice: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3: the pair's channel-wise input quantizer becomes one layer-wise quantizer, exactly
+def reparam_mappings(ctx, head: bool) -> list:
+    """The verified norm → layers mappings whose layers' inputs are post-LayerNorm sites the plan
+    quantizes (with `head`, also those into the classifier head)."""
+    wanted = {roles.POST_LN} | ({roles.HEAD} if head else set())
+    s = ctx.structure
+    return [m for m in s.mappings if s.role(s.layer_input(m.layers[0])) in wanted
+            and all(ctx.plan.act(s.layer_input(n)) is not None for n in m.layers)]
+
+
+def reparameterize_post_ln(qmodel, mapping, scale_choice: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: the mapping's channel-wise input quantizer becomes one layer-wise quantizer, exactly
     (shared with I&S-ViT's stage 2, AdaLog and DopQ-ViT). scale_choice: how (s̃, z̃) is taken from the
     channel-wise (s, z) — "mean" (RepQ-ViT) or "median" (DopQ-ViT's MOSF). Returns (r, b): the
-    LayerNorm's output x became x / r − b."""
-    linears = [qmodel.submodule(n) for n in pair.linears]
+    norm's output x became x / r − b."""
+    linears = [qmodel.submodule(n) for n in mapping.layers]
     cw = linears[0].input_site.quantizer
     s, z = cw.scale, cw.zero_point
     if scale_choice == "mean":
@@ -94,7 +103,7 @@ def reparameterize_post_ln(qmodel, pair, scale_choice: str = "mean") -> tuple[to
         raise ValueError(f"scale_choice must be 'mean' or 'median', not {scale_choice!r}")
     r = s / s_t
     b = (-z * s) / r + z_t * s_t
-    fold_channel_affine(qmodel.submodule(pair.norm), linears, r, b)
+    fold_channel_affine(qmodel.submodule(mapping.norm), linears, r, b)
     for lin in linears:  # all consumers see the same tensor: one shared layer-wise grid
         q = UniformQuantizer(cw.bits, name=lin.input_site.name)
         q.set_params(s_t, z_t)

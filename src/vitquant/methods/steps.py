@@ -9,12 +9,17 @@ from vitquant.calibration.observer import ReservoirObserver
 from vitquant.methods.deployable import deployable_plan
 from vitquant.models.qmodules import ActSite
 from vitquant.models.quantized import QuantizedModel
+from vitquant.plan import SitePlan
 from vitquant.quantizers import Quantizer, RangeRule, UniformQuantizer
 
 
-def fit_weights(qmodel: QuantizedModel, bits: int, rule: RangeRule, symmetric: bool = False) -> None:
-    """Per-output-channel weight quantizers for every Linear and Conv."""
+def fit_weights(qmodel: QuantizedModel, plan: SitePlan, rule: RangeRule, symmetric: bool = False) -> None:
+    """Per-output-channel weight quantizers for every Linear and Conv the plan quantizes."""
     for name, layer in qmodel.weight_layers().items():
+        bits = plan.weight(name)
+        if bits is None:
+            layer.weight_enabled, layer.weight_quantizer = False, None
+            continue
         q = UniformQuantizer(bits, symmetric=symmetric, channel_axis=0, name=f"{name}.weight")
         layer.weight_quantizer = q.fit(layer.weight, rule)
 
@@ -30,19 +35,29 @@ ActivationPlan = Callable[[ActSite, int], tuple[Quantizer, RangeRule]]
 
 
 def fit_activations(
-    qmodel: QuantizedModel, observers: dict[str, ReservoirObserver], plan: ActivationPlan,
-    a_bits: int, image_bits: int | None,
+    qmodel: QuantizedModel, observers: dict[str, ReservoirObserver], choose: ActivationPlan, plan: SitePlan,
 ) -> None:
-    """Give each enabled site the quantizer the plan picks for its role, fitted on its statistics."""
-    if getattr(qmodel, "deployable", False):  # QuantConfig(deployable=True): affine grids only
-        plan = deployable_plan(plan)
+    """Give each site the plan quantizes the quantizer `choose` picks for it, fitted on its statistics."""
+    if plan.deployable:  # QuantConfig(deployable=True): affine grids only
+        choose = deployable_plan(choose)
     for name, site in qmodel.act_sites().items():
-        bits = image_bits if site.role == "image" else a_bits
+        bits = plan.act(name)
         if bits is None:
             site.enabled, site.quantizer = False, None
             continue
-        quantizer, rule = plan(site, bits)
+        quantizer, rule = choose(site, bits)
         fit_site(site, quantizer, observers[name], rule)
+
+
+def apply_plan(qmodel: QuantizedModel, plan: SitePlan) -> None:
+    """After any method: what the plan keeps float is float (a method that sets every site itself may
+    have given one a quantizer)."""
+    for name, site in qmodel.act_sites().items():
+        if plan.act(name) is None:
+            site.enabled, site.quantizer = False, None
+    for name, layer in qmodel.weight_layers().items():
+        if plan.weight(name) is None:
+            layer.weight_enabled, layer.weight_quantizer = False, None
 
 
 def freeze(qmodel: QuantizedModel) -> None:

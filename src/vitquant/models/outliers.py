@@ -14,20 +14,22 @@ import torch
 from torch import nn
 
 from vitquant.errors import VitquantError
-from vitquant.methods.reparam import fold_channel_affine
-from vitquant.models import get_adapter
+from vitquant.models.fold import fold_channel_affine
 
 
 @torch.no_grad()
 def inject_ln_outliers(model: nn.Module, n_channels: int = 6, factor: float = 30.0, seed: int = 0) -> nn.Module:
-    """A copy of `model` whose post-LayerNorm activations have `n_channels` channels `factor`× larger
-    in every LayerNorm → Linear pair the adapter declares (norm1→qkv, norm2→fc1, final norm→head)."""
+    """A copy of `model` whose post-norm activations have `n_channels` channels `factor`× larger in
+    every verified norm → layers mapping of its traced structure (norm1→qkv, norm2→fc1, final norm→head
+    on a ViT; every such mapping on any family)."""
     if factor <= 0 or n_channels < 1:
         raise VitquantError(f"outlier stress needs factor > 0 and n_channels ≥ 1, got {factor}, {n_channels}")
-    pairs = get_adapter(model).prepare(model).norm_pairs  # names of the pairs in this architecture
+    from vitquant.models.prepare import prepare
+
+    mappings = prepare(model).structure.mappings
     model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
-    for pair in pairs:
+    for pair in mappings:
         norm = model.get_submodule(pair.norm)
         dim = norm.weight.numel()
         if n_channels > dim:
@@ -35,6 +37,6 @@ def inject_ln_outliers(model: nn.Module, n_channels: int = 6, factor: float = 30
         r = torch.ones(dim)
         r[torch.randperm(dim, generator=gen)[:n_channels]] = 1.0 / factor
         # fold_channel_affine divides the LayerNorm by r: r = 1/S multiplies the chosen channels by S
-        fold_channel_affine(norm, [model.get_submodule(n) for n in pair.linears], r, torch.zeros(dim))
+        fold_channel_affine(norm, [model.get_submodule(n) for n in pair.layers], r, torch.zeros(dim))
     model.vitquant_stress = {"n_channels": n_channels, "factor": factor, "seed": seed}
     return model

@@ -1,46 +1,47 @@
-"""`QuantizedModel`: a float model whose layers were swapped for their quantized twins by an adapter."""
+"""`QuantizedModel`: a float model prepared for quantization (twins, intercepted sites) and its `Structure`."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
-
-
-@dataclass(frozen=True)
-class NormLinearPair:
-    """A LayerNorm whose output feeds these Linears only: scales can be moved between them."""
-
-    norm: str
-    linears: tuple[str, ...]
+from vitquant.models.structure import Core, Structure
 
 
 class QuantizedModel(nn.Module):
-    def __init__(self, model: nn.Module, adapter: str, norm_pairs: list[NormLinearPair], source: dict | None):
+    def __init__(self, model: nn.Module, structure: Structure, source: dict | None):
         super().__init__()
         self.model = model
-        self.adapter = adapter
-        self.norm_pairs = norm_pairs
+        self.structure = structure
         self.source = source  # how to rebuild the float architecture when loading (None: caller supplies it)
         self.config = None  # the QuantConfig it was quantized with
         self.stats: dict[str, Any] = {}  # calibration facts for reports (time, images, peak memory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
         return self.model(x)
 
     # -- structure ----------------------------------------------------------------------------------
     def act_sites(self) -> dict[str, ActSite]:
-        return {m.name: m for m in self.model.modules() if isinstance(m, ActSite)}
+        """Every activation site, in forward order."""
+        found = {m.name: m for m in self.model.modules() if isinstance(m, ActSite)}
+        return {name: found[name] for name in self.structure.sites if name in found}
 
     def weight_layers(self) -> dict[str, QuantLinear | QuantConv2d]:
-        return {m.name: m for m in self.model.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+        """Every quantized weight layer, in forward order."""
+        return {name: self.submodule(name) for name in self.structure.layers}
+
+    def cores(self) -> list[Core]:
+        return list(self.structure.cores)
+
+    def core_sites(self, core: Core) -> dict[str, ActSite]:
+        sites = self.act_sites()
+        return {k: sites[getattr(core, k)] for k in ("q", "k", "v", "softmax", "scores") if getattr(core, k)}
 
     def submodule(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name)
+        return self.model.get_submodule(name) if name else self.model
 
     @contextmanager
     def bypassed(self) -> Iterator["QuantizedModel"]:
@@ -72,7 +73,7 @@ class QuantizedModel(nn.Module):
         quantized, total = set(), 0
         for layer in self.weight_layers().values():
             q = layer.weight_quantizer
-            if q is None:
+            if q is None or not getattr(layer, "weight_enabled", True):
                 continue
             quantized.add(id(layer.weight))
             n_scales = q.scale.numel() if getattr(q, "scale", None) is not None else 1
