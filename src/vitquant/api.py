@@ -15,6 +15,8 @@ from vitquant.methods import get_method
 from vitquant.methods.deployable import make_deployable
 from vitquant.methods.steps import apply_plan, freeze
 from vitquant.models import QuantizedModel, prepare
+from vitquant.models.io import input_size_of
+from vitquant.models.sources import infer_source
 from vitquant.plan import SitePlan
 from vitquant.profiling import measure
 
@@ -25,6 +27,7 @@ def quantize(
     calib: Any = "bundled",
     *,
     progress: bool = True,
+    input_size: tuple[int, int, int] | None = None,
 ) -> QuantizedModel:
     """Return a quantized copy of `model` (the float model is left untouched).
 
@@ -33,6 +36,8 @@ def quantize(
         DataLoader/Dataset of them, or "bundled" (MNIST-5k, for the bundled reference models); or, with
         no images at all, "data-free" (PSAQ-ViT images generated from the float model; a DataFreeConfig
         sets how) or "gaussian" (pure noise, the baseline).
+    input_size: (C, H, W) for a model that does not tell its own (a plain nn.Module); read from a tensor
+        of calibration images when not given.
     """
     if config is None:
         config = QuantConfig()
@@ -44,8 +49,12 @@ def quantize(
         raise VitquantError("this model is already quantized; pass the float model")
     method = get_method(config.method)()
     # the architecture is understood (or refused) before any image is decoded or generated
-    qmodel = prepare(model, source=getattr(model, "vitquant_source", None), extra_sites=method.requires_sites,
-                     unknown=config.unknown_layers)
+    if input_size is None and input_size_of(model) is None:
+        images = calib.images if isinstance(calib, CalibrationSet) else calib
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            input_size = tuple(images.shape[1:])
+    qmodel = prepare(model, source=infer_source(model), extra_sites=method.requires_sites,
+                     unknown=config.unknown_layers, input_size=input_size)
     method.check(qmodel.structure)
     plan = SitePlan.resolve(config, qmodel.structure)
     generation_stats: dict[str, Any] = {}

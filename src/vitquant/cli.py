@@ -13,11 +13,29 @@ PRESETS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a3")
 
 
 def _config(args) -> "QuantConfig":
-    from vitquant.config import QuantConfig, parse_bits, parse_options
+    from vitquant.config import QuantConfig, parse_bits, parse_options, parse_site_bits
 
     w, a = parse_bits(args.bits)
     return QuantConfig(method=args.method, w_bits=w, a_bits=a, calib_size=args.calib_size, seed=args.seed,
-                       options=parse_options(args.opt), deployable=args.deployable)
+                       options=parse_options(args.opt), deployable=args.deployable,
+                       site_bits=parse_site_bits(args.site_bits), keep_float=list(args.keep_float),
+                       unknown_layers=args.unknown_layers)
+
+
+def _architecture_check(config):
+    """Run the core's structure check (and the plan's pattern check) on the randomly initialized model,
+    before any weight is downloaded or any image decoded."""
+    from vitquant.methods import get_method
+    from vitquant.models import prepare
+    from vitquant.plan import SitePlan
+
+    def check(model):
+        method = get_method(config.method)()
+        qmodel = prepare(model, extra_sites=method.requires_sites, unknown=config.unknown_layers)
+        method.check(qmodel.structure)
+        SitePlan.resolve(config, qmodel.structure)
+
+    return check
 
 
 def _is_quantized_dir(path: str) -> bool:
@@ -35,7 +53,7 @@ def cmd_quantize(args) -> int:
         raise VitquantError(f"output directory '{out}' already exists; pass --force to replace it")
     if args.data_free_steps is not None and args.calib != "data-free":
         raise VitquantError("--data-free-steps only applies to --calib data-free")
-    model = vitquant.load_model(args.model, args.checkpoint)
+    model = vitquant.load_model(args.model, args.checkpoint, check=_architecture_check(config))
     calib, files = args.calib, {}
     with tempfile.TemporaryDirectory() as tmp:
         if calib == "data-free":  # keep what the model "dreamed" beside the result
@@ -53,6 +71,11 @@ def cmd_quantize(args) -> int:
     s = qmodel.stats
     print(f"quantized {args.model} with {config.method} {config.bits_name} on {s['calibration_source']} "
           f"in {s['calibration_seconds']:.1f} s -> {out}")
+    for what, items in (("kept float by the plan", s.get("float_sites", [])),
+                        ("left float (not understood or constant)", s.get("float_ops", []))):
+        if items:
+            shown = ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+            print(f"{what}: {shown}")
     if files:
         print(f"generated calibration images: {out / 'calibration_images.png'}")
     if extra:
@@ -149,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
-    q.add_argument("--model", default="bundled", help="'bundled', a vitquant .safetensors model, or a timm name")
-    q.add_argument("--checkpoint", help="weights for a timm model (.safetensors, or .pth loaded weights_only)")
+    q.add_argument("--model", default="bundled",
+                   help="'bundled', a vitquant .safetensors model, a timm name, 'hf:<id or dir>', "
+                        "'torchvision:<name>', or 'python:package.module:factory'")
+    q.add_argument("--checkpoint", help="weights for a timm/torchvision model (.safetensors, or .pth loaded "
+                                        "weights_only)")
     q.add_argument("--calib", default="bundled",
                    help="image folder, 'bundled' (MNIST-5k), 'data-free' (PSAQ-ViT images generated from the "
                         "model; saved as calibration_images.png) or 'gaussian' (noise baseline)")
@@ -164,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--deployable", action="store_true",
                    help="only quantizers ONNX Runtime runs exactly, so what is evaluated is what is exported")
+    q.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
+                   help="leave matching sites float (site names like 'blocks.0.attn.qkv.input', weights "
+                        "'<layer>.weight', a layer name glob like 'head*', or 'role:post_softmax'); repeatable")
+    q.add_argument("--site-bits", action="append", default=[], metavar="GLOB=N",
+                   help="bits for matching sites, e.g. 'head*=8' or 'role:image=8'; repeatable, in order")
+    q.add_argument("--unknown-layers", choices=("refuse", "float"), default="refuse",
+                   help="a weighted op the core does not understand: refuse the model (default), or leave it "
+                        "float and list it")
     q.add_argument("--eval", metavar="DATA", help="also evaluate on DATA ('bundled' or an ImageFolder)")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -33,6 +33,17 @@ def parse_options(pairs: "list[str] | tuple[str, ...]", what: str = "--opt") -> 
     return opts
 
 
+def parse_site_bits(pairs: "list[str] | tuple[str, ...]") -> dict[str, int]:
+    """['head*=8', 'role:image=8'] -> {'head*': 8, 'role:image': 8} (checked by QuantConfig)."""
+    out: dict[str, int] = {}
+    for pair in pairs:
+        glob, sep, bits = pair.rpartition("=")
+        if not sep or not glob or not bits.strip().isdigit():
+            raise VitquantError(f"--site-bits {pair!r} is not of the form GLOB=BITS (e.g. 'head*=8')")
+        out[glob] = int(bits)
+    return out
+
+
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'repq-vit' or 'repq-vit:reparam_head=true:other=1' -> (method name, options)."""
     name, *pairs = spec.split(":")

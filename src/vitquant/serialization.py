@@ -23,7 +23,7 @@ from vitquant.config import QuantConfig
 from vitquant.errors import VitquantError
 from vitquant.methods import get_method
 from vitquant.models import QuantizedModel, prepare
-from vitquant.models.loading import build_from_source
+from vitquant.models.sources import build_from_source
 from vitquant.quantizers import UniformQuantizer, quantizer_from_spec
 
 FORMAT = "vitquant-quantized/1"

@@ -1,39 +1,27 @@
-"""Getting a float model: the bundled reference ViT, a timm name (+ optional checkpoint), or a vitquant
-model file (.safetensors with its .json sidecar). Never unpickles: safetensors, or
-torch.load(weights_only=True) for .pth/.pt/.bin checkpoints.
+"""Getting a float model by name: the bundled reference ViT, a vitquant model file (.safetensors with
+its .json sidecar), a timm name (+ optional checkpoint), a Hugging Face id or directory ("hf:" prefix
+optional for a directory with config.json), "torchvision:<name>", or "python:pkg.module:factory" (your
+own nn.Module). Never unpickles: safetensors, or torch.load(weights_only=True) for .pth/.pt/.bin.
+
+`check` (optional) is called on the randomly initialized architecture before any weight is read or
+downloaded: the CLI passes the core's structure check, so an unsupported model fails in seconds.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from vitquant.errors import VitquantError
+from vitquant.models.sources import (HF_PREFIX, PY_PREFIX, TV_PREFIX, build_from_source, load_hf, load_python,
+                                     load_torchvision)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED = {"bundled": "vit_mnist_d6", "vit-mnist-d6": "vit_mnist_d6"}
 MODEL_FORMAT = "vitquant-model/1"
-
-
-def build_from_source(source: dict[str, Any]) -> nn.Module:
-    """Rebuild a float architecture (random weights) from the `source` facts a model carries."""
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
-    kind = source.get("type")
-    if kind == "timm":
-        model = timm.create_model(source["name"], pretrained=False, **source.get("kwargs", {}))
-    elif kind == "timm.VisionTransformer":
-        model = VisionTransformer(**source["kwargs"])
-    else:
-        raise VitquantError(f"cannot rebuild a model of source type {kind!r}; pass the float model explicitly")
-    if source.get("pretrained_cfg"):
-        model.pretrained_cfg = dict(source["pretrained_cfg"])
-    model.vitquant_source = source
-    return model.eval()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -78,12 +66,23 @@ def load_vitquant_model(path: Path) -> nn.Module:
     return model
 
 
-def load_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
-    """'bundled' | a vitquant .safetensors model file | a timm model name (pretrained unless checkpoint)."""
+def load_model(name: str, checkpoint: str | Path | None = None,
+               check: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """'bundled' | a vitquant .safetensors model file | 'hf:<id or dir>' or a Hugging Face directory |
+    'torchvision:<name>' | 'python:pkg.module:factory' | a timm model name (pretrained unless checkpoint)."""
     if name in BUNDLED:
         model = load_vitquant_model(ASSETS / f"{BUNDLED[name]}.safetensors")
         model.vitquant_source = {**model.vitquant_source, "name": name}  # survives a moved install
         return model
+    if name.startswith(HF_PREFIX) or (Path(name).is_dir() and (Path(name) / "config.json").is_file()):
+        _no_checkpoint(checkpoint, "a Hugging Face model (its directory holds the weights)")
+        return load_hf(name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name, check)
+    if name.startswith(TV_PREFIX):
+        return load_torchvision(name[len(TV_PREFIX):], None if checkpoint is None else Path(checkpoint),
+                                read_state_dict, check)
+    if name.startswith(PY_PREFIX):
+        _no_checkpoint(checkpoint, "a python factory (it builds and loads its own weights)")
+        return load_python(name[len(PY_PREFIX):], check)
     path = Path(name)
     if path.suffix == ".safetensors" or path.exists():
         if not path.is_file():
@@ -93,19 +92,23 @@ def load_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
 
     if not timm.is_model(name):
         raise VitquantError(
-            f"unknown model {name!r}: not 'bundled', not a model file, and not a timm model name "
-            "(see timm.list_models())"
+            f"unknown model {name!r}: not 'bundled', not a model file, and not a timm model name (see "
+            "timm.list_models()); Hugging Face models are 'hf:<id>', torchvision ones 'torchvision:<name>', "
+            "your own 'python:package.module:factory'"
         )
     source = {"type": "timm", "name": name, "kwargs": {}}
+    sd = None
     if checkpoint is not None:
-        ckpt = Path(checkpoint)
-        sd = read_state_dict(ckpt)
+        sd = read_state_dict(Path(checkpoint))
         head = sd.get("head.weight")
         if head is not None:
             source["kwargs"]["num_classes"] = int(head.shape[0])
-        model = timm.create_model(name, pretrained=False, **source["kwargs"])
-        _load_weights(model, sd, ckpt)
-        source["weights"] = str(ckpt)
+    model = timm.create_model(name, pretrained=False, **source["kwargs"])
+    if check is not None:
+        check(model.eval())  # before any download
+    if sd is not None:
+        _load_weights(model, sd, Path(checkpoint))
+        source["weights"] = str(checkpoint)
     else:
         try:
             model = timm.create_model(name, pretrained=True)
@@ -117,3 +120,8 @@ def load_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
     source["pretrained_cfg"] = dict(getattr(model, "pretrained_cfg", {}) or {})
     model.vitquant_source = source
     return model.eval()
+
+
+def _no_checkpoint(checkpoint, what: str) -> None:
+    if checkpoint is not None:
+        raise VitquantError(f"--checkpoint does not apply to {what}")
