@@ -28,16 +28,26 @@ def test_save_load_identical_outputs(tiny_vit, calib_images, tmp_path, bits):
     assert sd["blocks.0.mlp.fc1.weight"].dtype == torch.uint8
 
 
-def test_save_refuses_to_overwrite_and_writes_nothing_on_failure(tiny_vit, calib_images, tmp_path):
+def test_save_refuses_to_overwrite_and_force_replaces_only_vitquant_outputs(tiny_vit, calib_images, tmp_path):
     q = vitquant.quantize(tiny_vit, "w8a8", CalibrationSet(calib_images, "r", []), progress=False)
     target = tmp_path / "q"
     target.mkdir()
     (target / "keep.txt").write_text("old result")
     with pytest.raises(VitquantError, match="already exists"):
         vitquant.save(q, target)
+    # regression: force=True used to delete any directory, e.g. a folder of the user's own files
+    with pytest.raises(VitquantError, match="not written by vitquant"):
+        vitquant.save(q, target, force=True)
     assert (target / "keep.txt").read_text() == "old result"
-    vitquant.save(q, target, force=True)
-    assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
+    (target / "keep.txt").unlink()
+    vitquant.save(q, target, force=True)  # an empty directory holds nothing to lose
+    assert json.loads((target / ".vitquant-output").read_text())["files"] == sorted(
+        ["model.safetensors", "quant_config.json", "report.md"])
+    vitquant.save(q, target, force=True)  # vitquant's own output is replaced
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(VitquantError, match=r"files vitquant did not write \(notes.txt\)"):
+        vitquant.save(q, target, force=True)
+    assert (target / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary leftovers
 
 

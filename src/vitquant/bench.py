@@ -5,16 +5,25 @@ sweep resumes where it stopped and a finished run is never repeated. Tables are 
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import platform
 import statistics
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from vitquant.api import quantize
 from vitquant.calibration.data import data_config_for, load_calibration, load_labeled
@@ -54,40 +63,137 @@ class SweepSpec:
             raise VitquantError("a sweep needs at least one model")
 
 
+KEY_FIELDS = ("model", "variant", "method", "bits", "seed")
+
+
 def _key(rec: dict[str, Any]) -> tuple:
     return (rec["model"], rec["variant"], rec["method"], rec["bits"], rec["seed"], rec.get("calib_size"))
 
 
+_LOCK_FDS: dict[str, int] = {}
+
+
+def _lock_fd(path: Path) -> int:
+    """One descriptor per lock file per process: POSIX record locks belong to the process and are all
+    dropped when any descriptor of the file is closed, so it is opened once and never closed."""
+    key = str(path.resolve())
+    if key not in _LOCK_FDS:
+        _LOCK_FDS[key] = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    return _LOCK_FDS[key]
+
+
 class ResultsStore:
-    """key: what makes two records the same run (default: model, variant, method, bits, seed, calib size)."""
+    """An append-only JSON-lines file of finished runs, safe to share between processes.
+
+    key: what makes two records the same run (default: model, variant, method, bits, seed, calib size).
+    Concurrency (two `vitquant bench` on one store): appends hold a lock on byte 0 of `<store>.lock`;
+    a run is claimed by a non-blocking lock on a byte picked by the hash of its key, held while it runs,
+    so a second process skips it, and the kernel releases it if the process dies (no stale claims).
+    """
 
     def __init__(self, path: str | Path, key: Callable[[dict[str, Any]], tuple] | None = None) -> None:
         self.path = Path(path)
         self.key = key or _key
         self.records: list[dict[str, Any]] = []
+        self._done: set[tuple] = set()
+        self._offset = 0  # bytes of the file already read (whole lines only)
+        self._lines_read = 0
+        if self.path.is_dir():
+            raise VitquantError(f"results store '{self.path}' is a directory; pass a .jsonl file path")
         if self.path.exists():
-            text = self.path.read_text()
-            if text and not text.endswith("\n"):  # a write cut by a crash: drop the partial last line
-                text = text[: text.rfind("\n") + 1]
-                self.path.write_text(text)
-            for i, line in enumerate(text.splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    print(f"warning: ignoring unreadable line {i + 1} of {self.path}")
-        self._done = {self.key(r) for r in self.records}
+            unreadable = self._read_new()
+            if unreadable and not self.records:
+                raise VitquantError(f"'{self.path}' is not a vitquant results store (line {unreadable[0]} is not a "
+                                    "run record); pass a new file or an existing store as --store")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _read_new(self) -> list[int]:
+        """Read the whole lines appended since the last read; returns the numbers of unreadable lines.
+        A line without its newline is a write in progress (or cut by a crash): left for later."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise VitquantError(f"cannot read results store '{self.path}': {e.strerror}") from None
+        end = data.rfind(b"\n") + 1
+        first = self._lines_read
+        unreadable = []
+        for i, line in enumerate(data[:end].splitlines()):
+            self._lines_read += 1
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not all(k in rec for k in KEY_FIELDS):
+                    raise ValueError("not a run record")
+                key = self.key(rec)
+                hash(key)
+            except (ValueError, KeyError, TypeError):
+                unreadable.append(first + i + 1)
+                continue
+            self.records.append(rec)
+            self._done.add(key)
+        self._offset += end
+        if unreadable and self.records:
+            print(f"warning: ignoring unreadable line(s) {unreadable[:5]} of {self.path}", file=sys.stderr)
+        return unreadable
 
     def done(self, rec: dict[str, Any]) -> bool:
         return self.key(rec) in self._done
 
+    @contextmanager
+    def _locked(self, offset: int = 0, wait: bool = True) -> Iterator[bool]:
+        """Hold the lock on byte `offset` of the lock file (True), or yield False when it is held
+        elsewhere and `wait` is False."""
+        if fcntl is None:  # no POSIX locks (Windows): one process per store
+            yield True
+            return
+        fd = _lock_fd(self.lock_path)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, offset)
+        except OSError as e:
+            if wait or e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+    @contextmanager
+    def claim(self, rec: dict[str, Any]) -> Iterator[bool]:
+        """True while this process owns run `rec` (not finished, not running elsewhere); run it, then
+        append it before leaving the block."""
+        if self.done(rec):
+            yield False
+            return
+        digest = hashlib.sha256(json.dumps(list(self.key(rec)), default=str).encode()).digest()
+        with self._locked(1 + int.from_bytes(digest[:7], "big"), wait=False) as mine:
+            if mine:
+                with self._locked():
+                    self._read_new()  # another process may have finished it since we looked
+            yield mine and not self.done(rec)
+
     def append(self, rec: dict[str, Any]) -> None:
+        line = (json.dumps(rec, sort_keys=True, allow_nan=False) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with self._locked():
+            self._read_new()
+            with open(self.path, "ab") as f:
+                if f.tell() > self._offset:  # a line cut by a crash: every live writer holds this lock
+                    f.truncate(self._offset)
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            self._offset += len(line)
+            self._lines_read += 1
         self.records.append(rec)
         self._done.add(self.key(rec))
 
@@ -103,8 +209,11 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item() * 100
 
 
-def run_sweep(spec: SweepSpec, store: ResultsStore, progress: bool = True) -> None:
+def run_sweep(spec: SweepSpec, store: ResultsStore, progress: bool = True) -> int:
+    """Run every (model, variant, method, bits, seed) the store has not finished and no other process is
+    running; returns how many runs this call added."""
     machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+    added = 0
     for model_name in spec.models:
         for variant, model in _variants(model_name, spec.stress):
             cfg = data_config_for(model)
@@ -112,40 +221,63 @@ def run_sweep(spec: SweepSpec, store: ResultsStore, progress: bool = True) -> No
             float_logits = None
             base = {"model": model_name, "variant": variant, "calib_size": spec.calib_size}
             flt = {**base, "method": "float", "bits": "FP32", "seed": 0}
-            if not store.done(flt):
-                float_logits = predict_logits(model, data, progress=False)
-                store.append({**flt, "top1": _top1(float_logits, data.labels), "eval": data.source})
+            with store.claim(flt) as mine:
+                if mine:
+                    float_logits = predict_logits(model, data, progress=False)
+                    store.append({**flt, "top1": _top1(float_logits, data.labels), "eval": data.source})
+                    added += 1
             for method in spec.methods:
                 for bits in spec.bits:
                     for seed in spec.seeds:
                         rec = {**base, "method": method, "bits": bits.upper(), "seed": seed}
-                        if store.done(rec):
-                            continue
-                        if float_logits is None:
-                            float_logits = predict_logits(model, data, progress=False)
-                        name, options = parse_method_spec(method)
-                        config = QuantConfig.preset(bits, method=name, options=options, seed=seed,
-                                                    calib_size=spec.calib_size)
-                        calib = load_calibration(spec.calib, cfg, n=spec.calib_size, seed=seed)
-                        with measure() as m:
-                            q = quantize(model, config, calib, progress=False)
-                        logits = predict_logits(q, data, progress=False)
-                        rec.update(top1=_top1(logits, data.labels),
-                                   agreement=(logits.argmax(1) == float_logits.argmax(1)).float().mean().item() * 100,
-                                   calib_seconds=round(m.seconds, 3), peak_rss_mb=round(m.peak_rss_mb, 1),
-                                   delta_rss_mb=round(m.delta_rss_mb, 1), size_bytes=q.size_bytes(),
-                                   eval=data.source, machine=machine,
-                                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-                        store.append(rec)
-                        if progress:
-                            print(f"{model_name} [{variant}] {method} {bits} seed {seed}: top-1 {rec['top1']:.2f} "
-                                  f"(agree {rec['agreement']:.1f}%), calib {rec['calib_seconds']:.1f} s", flush=True)
+                        with store.claim(rec) as mine:
+                            if not mine:
+                                continue
+                            if float_logits is None:
+                                float_logits = predict_logits(model, data, progress=False)
+                            store.append(_run(rec, model, spec, cfg, data, float_logits, machine))
+                            added += 1
+                            if progress:
+                                print(f"{model_name} [{variant}] {method} {bits} seed {seed}: top-1 "
+                                      f"{rec['top1']:.2f} (agree {rec['agreement']:.1f}%), calib "
+                                      f"{rec['calib_seconds']:.1f} s", flush=True)
+    return added
+
+
+def _run(rec: dict[str, Any], model, spec: SweepSpec, cfg: dict, data, float_logits, machine: str) -> dict[str, Any]:
+    name, options = parse_method_spec(rec["method"])
+    config = QuantConfig.preset(rec["bits"], method=name, options=options, seed=rec["seed"],
+                                calib_size=spec.calib_size)
+    calib = load_calibration(spec.calib, cfg, n=spec.calib_size, seed=rec["seed"])
+    with measure() as m:
+        q = quantize(model, config, calib, progress=False)
+    logits = predict_logits(q, data, progress=False)
+    rec.update(top1=_top1(logits, data.labels),
+               agreement=(logits.argmax(1) == float_logits.argmax(1)).float().mean().item() * 100,
+               calib_seconds=round(m.seconds, 3), peak_rss_mb=round(m.peak_rss_mb, 1),
+               delta_rss_mb=round(m.delta_rss_mb, 1), size_bytes=q.size_bytes(), eval=data.source, machine=machine,
+               finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return rec
+
+
+def distinct_runs(records: list[dict[str, Any]], key: Callable[[dict[str, Any]], tuple] = _key) -> list[dict[str, Any]]:
+    """The first record of each run key: a store shared by processes without locks (or merged by hand)
+    may hold one run twice, and a mean must not weight it double."""
+    seen: set[tuple] = set()
+    out = []
+    for r in records:
+        k = key(r)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """(model, variant, method, bits) -> mean/spread of top-1 over seeds, mean calib time, max peak RSS."""
+    """(model, variant, method, bits) -> mean/spread of top-1 over seeds (each run once), mean calib time,
+    max peak RSS."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in records:
+    for r in distinct_runs(records):
         groups.setdefault((r["model"], r["variant"], r["method"], r["bits"]), []).append(r)
     out = {}
     for k, rs in groups.items():

@@ -1,18 +1,40 @@
-"""`vitquant` command line: a thin layer over the API. Every user error is one line on stderr, exit 2."""
+"""`vitquant` command line: a thin layer over the API.
+
+Every user error is one line `vitquant: error: …` on stderr with exit code 2, and every check that can
+fail cheaply (arguments, paths, output writability, what `--force` would replace, the architecture) runs
+before the expensive work. Warnings are one line too (`vitquant: warning: …`). Nothing heavy is
+imported until a command runs, so `vitquant --help` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from vitquant.errors import VitquantError
 
 PRESETS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a3")
+GENERATED = ("data-free", "gaussian")
+# Calibration wall time of the 12-block 28×28 reference ViT, 32 images, 2 CPU cores, W8A8..W3A3
+# (benchmarks/results/accuracy.md). A 224² DeiT-T costs far more: PTQ4ViT W4A4 took 12 min there.
+COST_HINTS = {"minmax": "<1 s", "fq-vit": "<1 s", "percentile": "2-6 s", "dopq-vit": "2-6 s", "repq-vit": "4-8 s",
+              "noisyquant": "5-20 s", "erq": "5-30 s", "ptq4vit": "0.5-2 min", "ias-vit": "0.5-3.5 min",
+              "adalog": "1.5-3 min"}
 
 
-def _config(args) -> "QuantConfig":
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, like every other vitquant error."""
+
+    def error(self, message: str):
+        self.exit(2, f"vitquant: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _config(args):
     from vitquant.config import QuantConfig, parse_bits, parse_options, parse_site_bits
 
     w, a = parse_bits(args.bits)
@@ -22,9 +44,9 @@ def _config(args) -> "QuantConfig":
                        unknown_layers=args.unknown_layers)
 
 
-def _architecture_check(config):
-    """Run the core's structure check (and the plan's pattern check) on the randomly initialized model,
-    before any weight is downloaded or any image decoded."""
+def _architecture_check(config, found: dict):
+    """The core's structure check (and the plan's pattern check) on the randomly initialized model,
+    before any weight is downloaded or any image decoded; keeps the input shape it found."""
     from vitquant.methods import get_method
     from vitquant.models import prepare
     from vitquant.plan import SitePlan
@@ -34,26 +56,80 @@ def _architecture_check(config):
         qmodel = prepare(model, extra_sites=method.requires_sites, unknown=config.unknown_layers)
         method.check(qmodel.structure)
         SitePlan.resolve(config, qmodel.structure)
+        found["input_shape"] = tuple(qmodel.structure.input_shape or ()) or None
 
     return check
 
 
-def _is_quantized_dir(path: str) -> bool:
-    from vitquant.serialization import META
+def _needs_hub(name: str, checkpoint: str | None) -> bool:
+    from vitquant.models.loading import BUNDLED
+    from vitquant.models.sources import HF_PREFIX, PY_PREFIX, TV_PREFIX
 
-    return (Path(path) / META).is_file()
+    if name in BUNDLED or name.startswith((PY_PREFIX, TV_PREFIX)) or Path(name).exists():
+        return False
+    if name.startswith(HF_PREFIX):
+        return not Path(name[len(HF_PREFIX):]).is_dir()
+    return checkpoint is None and not name.endswith(".safetensors")
+
+
+def fail_fast_offline(name: str, checkpoint: str | None = None) -> None:
+    """Without a network, huggingface_hub retries each file for ~50 s before failing; when the hub is not
+    reachable, switch it to offline mode, so cached weights still load and missing ones fail at once."""
+    if not _needs_hub(name, checkpoint) or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if "huggingface_hub.constants" in sys.modules:  # read at import time, so set it there too
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+
+
+def refuse_nonfinite(model, what: str) -> None:
+    """NaN/Inf weights quantize "successfully" into garbage (0% agreement): refuse them, naming where."""
+    import torch
+
+    bad = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[name] = n
+    if bad:
+        shown = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:4]) + (" …" if len(bad) > 4 else "")
+        raise VitquantError(f"{what} has {sum(bad.values())} non-finite (NaN/Inf) weight values in {len(bad)} "
+                            f"tensor(s): {shown}; fix the checkpoint, or pass --allow-nonfinite to go on anyway")
+
+
+def _min_calib(args) -> None:
+    if args.min_calib < 1:
+        raise VitquantError(f"--min-calib must be at least 1, got {args.min_calib}")
+    if args.calib_size < 1:
+        raise VitquantError(f"--calib-size must be a positive number of images, got {args.calib_size}")
+    if args.calib not in GENERATED and args.calib_size < args.min_calib:
+        raise VitquantError(f"--calib-size {args.calib_size} is below the minimum of {args.min_calib} calibration "
+                            "images; ask for more images, or lower the minimum with --min-calib N")
 
 
 def cmd_quantize(args) -> int:
     import vitquant
+    from vitquant.calibration.data import check_source
+    from vitquant.serialization import check_output_dir
 
-    config = _config(args)  # validate everything cheap before loading anything
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise VitquantError(f"output directory '{out}' already exists; pass --force to replace it")
+    config = _config(args)  # every check that needs no model, before loading anything
     if args.data_free_steps is not None and args.calib != "data-free":
         raise VitquantError("--data-free-steps only applies to --calib data-free")
-    model = vitquant.load_model(args.model, args.checkpoint, check=_architecture_check(config))
+    _min_calib(args)
+    out = check_output_dir(args.out, args.force)
+    if args.calib not in GENERATED:
+        check_source(args.calib, "calibration")
+    if args.eval:
+        check_source(args.eval, "evaluation")
+    fail_fast_offline(args.model, args.checkpoint)
+    found: dict = {}
+    model = vitquant.load_model(args.model, args.checkpoint, check=_architecture_check(config, found))
+    if not args.allow_nonfinite:
+        refuse_nonfinite(model, f"model {args.model!r}")
     calib, files = args.calib, {}
     with tempfile.TemporaryDirectory() as tmp:
         if calib == "data-free":  # keep what the model "dreamed" beside the result
@@ -63,25 +139,37 @@ def cmd_quantize(args) -> int:
             steps = {} if args.data_free_steps is None else {"steps": args.data_free_steps}
             calib = DataFreeConfig(n_images=config.calib_size, seed=config.seed,
                                    grid_path=str(files["calibration_images.png"]), **steps)
+        elif calib not in GENERATED:
+            from vitquant.calibration.data import data_config_for, load_calibration
+
+            calib = load_calibration(calib, data_config_for(model, found.get("input_shape")), n=config.calib_size,
+                                     seed=config.seed, min_images=args.min_calib)
         qmodel = vitquant.quantize(model, config, calib, progress=not args.quiet)
         if files:
             qmodel.stats["calibration_grid"] = "calibration_images.png"  # inside the output directory
         extra = _evaluate_for_report(args, qmodel, model)
         vitquant.save(qmodel, out, force=args.force, extra=extra, extra_files=files)
-    s = qmodel.stats
-    print(f"quantized {args.model} with {config.method} {config.bits_name} on {s['calibration_source']} "
-          f"in {s['calibration_seconds']:.1f} s -> {out}")
+    _print_quantized(args, config, qmodel.stats, out, extra)
+    return 0
+
+
+def _print_quantized(args, config, s: dict, out: Path, extra: dict) -> None:
+    took = f"calibrated in {s['calibration_seconds']:.1f} s"
+    if "generation_seconds" in s:
+        took = f"{s['calibration_images']} images generated in {s['generation_seconds']:.1f} s, {took}"
+    print(f"quantized {args.model} with {config.method} {config.bits_name} on {s['calibration_source']}: {took} "
+          f"-> {out}")
     for what, items in (("kept float by the plan", s.get("float_sites", [])),
                         ("left float (not understood or constant)", s.get("float_ops", []))):
         if items:
             shown = ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
             print(f"{what}: {shown}")
-    if files:
+    if "calibration_grid" in s:
         print(f"generated calibration images: {out / 'calibration_images.png'}")
     if extra:
         e = extra["evaluation"]
         print(f"top-1 {e['top1']:.2f}% (float {e['float_top1']:.2f}%), agreement with float {e['agreement']:.2f}%")
-    return 0
+    print(f"report: {out / 'report.md'}")
 
 
 def _evaluate_for_report(args, qmodel, model) -> dict:
@@ -96,37 +184,108 @@ def _evaluate_for_report(args, qmodel, model) -> dict:
     return extra
 
 
-def _float_reference(qmodel, hub: bool):
-    """The float original of a saved quantized model, when it can be had without guessing."""
+def _is_quantized_dir(path: str) -> bool:
+    from vitquant.serialization import META
+
+    return (Path(path) / META).is_file()
+
+
+def _float_reference(path: str, qmodel, args):
+    """(the float original of a saved quantized model, or None; why not, when not)."""
+    import json
+
     import vitquant
+    from vitquant.serialization import META, sha256_file
 
     src = qmodel.source or {}
     if src.get("name") == "bundled":
-        return vitquant.load_model("bundled")
-    if src.get("type") == "timm" and (src.get("weights") or hub):
-        return vitquant.load_model(src["name"], src.get("weights"))
-    if src.get("weights"):
-        return vitquant.load_model(src["weights"])
+        return vitquant.load_model("bundled"), None
+    recorded = json.loads((Path(path) / META).read_text(encoding="utf-8")).get("float_weights") or {}
+    weights = args.float_checkpoint or recorded.get("path") or src.get("weights")
+    kind = src.get("type")
+    if weights and (Path(weights).exists() or kind == "hf"):
+        if recorded.get("sha256") and Path(weights).is_file() and sha256_file(weights) != recorded["sha256"]:
+            why = f"'{weights}' is not the checkpoint {path} was quantized from (its sha256 differs)"
+            if args.float_checkpoint:
+                raise VitquantError(f"{why}; pass the original checkpoint")
+            return None, f"{why}; pass the original with --float-checkpoint PATH"
+        if kind == "timm":
+            return vitquant.load_model(src["name"], weights), None
+        if kind == "torchvision":
+            return vitquant.load_model(f"torchvision:{src['name']}", weights), None
+        if kind == "hf" and (Path(weights).is_dir() or args.float_reference):
+            fail_fast_offline(f"hf:{weights}")
+            return vitquant.load_model(f"hf:{weights}"), None
+        if kind == "timm.VisionTransformer":
+            return vitquant.load_model(str(weights)), None
+    if kind == "python":
+        return vitquant.load_model(f"python:{src['factory']}"), None
+    if args.float_reference and kind in ("timm", "torchvision") and not weights:
+        fail_fast_offline(src["name"])
+        return vitquant.load_model(src["name"] if kind == "timm" else f"torchvision:{src['name']}"), None
+    if weights and not Path(weights).exists() and kind != "hf":
+        return None, (f"the float checkpoint it was quantized from, '{weights}', is gone (moved or deleted); pass "
+                      "its new place with --float-checkpoint PATH")
+    return None, "its float model comes from the hub; pass --float-reference to download it"
+
+
+def _model_classes(model) -> int | None:
+    inner = getattr(model, "model", model)
+    for n in (getattr(inner, "num_classes", None), getattr(getattr(inner, "config", None), "num_labels", None)):
+        if isinstance(n, int) and n > 0:
+            return n
+    session = getattr(model, "session", None)  # an ONNX Runtime model
+    if session is not None:
+        shape = session.get_outputs()[0].shape
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
     return None
+
+
+def warn_class_count(model, folder_classes: int | None) -> None:
+    n = _model_classes(model)
+    if folder_classes is not None and n is not None and n != folder_classes:
+        warnings.warn(f"the model has {n} output classes but the evaluation folder {folder_classes} class "
+                      f"subfolders; top-1 counts an image correct only when the model's class index equals its "
+                      "folder's index in sorted order, so this accuracy is only meaningful if the folder's classes "
+                      "are the model's first ones in that order", stacklevel=2)
 
 
 def cmd_eval(args) -> int:
     import vitquant
+    from vitquant.calibration.data import check_source
 
-    if args.backend == "onnxruntime":
+    backend = args.backend or ("onnxruntime" if args.model.endswith(".onnx") else "pytorch")
+    if args.limit is not None and args.limit < 1:
+        raise VitquantError(f"--limit must be a positive number of images, got {args.limit}")
+    if backend == "onnxruntime":
         from vitquant.export.cli import cmd_eval as cmd_eval_ort
 
         return cmd_eval_ort(args)
+    classes = check_source(args.data, "evaluation")
+    float_model, note = None, None
     if _is_quantized_dir(args.model):
         model = vitquant.load(args.model)
-        float_model = _float_reference(model, args.float_reference)
+        float_model, note = _float_reference(args.model, model, args)
+        if args.float_checkpoint is None and args.float_reference and float_model is None:
+            raise VitquantError(f"no float reference for {args.model}: {note}")
+    elif Path(args.model).is_dir() and not (Path(args.model) / "config.json").is_file():
+        raise VitquantError(f"'{args.model}' is a directory but neither a saved quantized model (no "
+                            "quant_config.json) nor a Hugging Face model (no config.json)")
     else:
-        model, float_model = vitquant.load_model(args.model, args.checkpoint), None
+        if args.float_checkpoint:
+            raise VitquantError("--float-checkpoint applies to a saved quantized directory only")
+        fail_fast_offline(args.model, args.checkpoint)
+        model = vitquant.load_model(args.model, args.checkpoint)
+    if not args.allow_nonfinite:
+        refuse_nonfinite(getattr(model, "model", model), f"model {args.model!r}")
+    warn_class_count(model, classes)
     res = vitquant.evaluate(model, args.data, float_model=float_model, limit=args.limit, progress=not args.quiet)
     line = f"{args.model}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.source}"
     if res.agreement is not None:
         line += f"  agreement with float {res.agreement:.2f}%"
     print(line)
+    if note:
+        print(f"agreement with float not computed: {note}")
     return 0
 
 
@@ -134,41 +293,59 @@ def cmd_list(args) -> int:
     from vitquant.methods import available_methods
     from vitquant.models.loading import BUNDLED
 
-    print("methods:")
+    print("methods (cost: calibration time of the 12-block 28×28 reference ViT with 32 images on 2 CPU cores;")
+    print("         a 224² model costs far more: PTQ4ViT W4A4 took 12 min on DeiT-T):")
     for name, cls in available_methods().items():
-        print(f"  {name:<12} {cls.summary}")
+        print(f"  {name:<12} {COST_HINTS.get(name, '?'):<11} {cls.summary}")
     print("bit presets: " + ", ".join(PRESETS) + " (any wXaY with 2 ≤ X, Y ≤ 8)")
     print("bundled models: " + ", ".join(BUNDLED))
     return 0
 
 
 def cmd_demo(args) -> int:
+    from vitquant.config import parse_bits
     from vitquant.demo import run_demo
+    from vitquant.methods import get_method
 
+    get_method(args.method)
+    for b in args.bits:
+        parse_bits(b)
     run_demo(method=args.method, presets=args.bits, progress=not args.quiet)
     return 0
 
 
 def cmd_bench(args) -> int:
     from vitquant.bench import ResultsStore, SweepSpec, run_sweep
+    from vitquant.calibration.data import check_source
     from vitquant.report.accuracy import render_accuracy
+    from vitquant.serialization import check_writable, check_output_file, is_vitquant_markdown, write_output_text
 
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
-    spec = SweepSpec(models=split(args.models), methods=split(args.methods), bits=split(args.bits),
-                     seeds=[int(x) for x in split(args.seeds)], stress=not args.no_stress, calib=args.calib,
-                     eval_data=args.data)
-    store = ResultsStore(args.store)
-    before = len(store.records)
-    run_sweep(spec, store, progress=not args.quiet)
-    print(f"{len(store.records) - before} new runs, {len(store.records)} in {args.store}")
+    try:
+        seeds = [int(x) for x in split(args.seeds)]
+    except ValueError:
+        raise VitquantError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    spec = SweepSpec(models=split(args.models), methods=split(args.methods), bits=split(args.bits), seeds=seeds,
+                     stress=not args.no_stress, calib=args.calib, eval_data=args.data)
+    for name in spec.models:
+        if ("/" in name or name.endswith(".safetensors")) and ":" not in name and not Path(name).is_file():
+            raise VitquantError(f"model file '{name}' does not exist")
+    check_source(spec.calib, "calibration")
+    check_source(spec.eval_data, "evaluation")
+    store = ResultsStore(args.store)  # refuses a file that is not a store
+    check_writable(store.path.parent, f"the results store '{store.path}'")
+    if args.markdown:  # a table vitquant wrote is replaced on every run; anything else never
+        check_output_file(args.markdown, True, is_vitquant_markdown, "markdown table")
+    added = run_sweep(spec, store, progress=not args.quiet)
+    print(f"{added} new runs, {len(store.records)} in {args.store}")
     if args.markdown:
-        Path(args.markdown).write_text(render_accuracy(store.records) + "\n")
+        write_output_text(args.markdown, render_accuracy(store.records) + "\n")
         print(f"wrote {args.markdown}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitquant", description="Post-training quantization of Vision Transformers")
+    p = Parser(prog="vitquant", description="Post-training quantization of Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
@@ -181,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folder, 'bundled' (MNIST-5k), 'data-free' (PSAQ-ViT images generated from the "
                         "model; saved as calibration_images.png) or 'gaussian' (noise baseline)")
     q.add_argument("--calib-size", type=int, default=32, help="calibration images (default 32)")
+    q.add_argument("--min-calib", type=int, default=8, metavar="N",
+                   help="refuse to calibrate on fewer than N readable images (default 8)")
     q.add_argument("--data-free-steps", type=int, metavar="N",
                    help="Adam steps per image batch for --calib data-free (default 300; PSAQ-ViT: 1000, "
                         "better calibration, ~3x the time; fewer than 300 can be worse than noise)")
@@ -198,20 +377,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--unknown-layers", choices=("refuse", "float"), default="refuse",
                    help="a weighted op the core does not understand: refuse the model (default), or leave it "
                         "float and list it")
+    q.add_argument("--allow-nonfinite", action="store_true",
+                   help="quantize even when weights hold NaN/Inf (refused by default)")
     q.add_argument("--eval", metavar="DATA", help="also evaluate on DATA ('bundled' or an ImageFolder)")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
-    q.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing output directory, only if vitquant wrote it (and it holds nothing else)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a float model or a saved quantized model")
-    e.add_argument("model", help="a saved quantized directory, 'bundled', a model file, or a timm name")
+    e.add_argument("model", help="a saved quantized directory, 'bundled', a model file, an .onnx file, or a timm name")
     e.add_argument("--checkpoint")
     e.add_argument("--data", default="bundled", help="'bundled' or an ImageFolder directory")
     e.add_argument("--limit", type=int, help="evaluate on this many images only")
-    e.add_argument("--float-reference", action="store_true", help="for timm-hub models, load the float model too")
-    e.add_argument("--backend", default="pytorch", choices=("pytorch", "onnxruntime"),
-                   help="pytorch (simulation) or onnxruntime (an .onnx file or a quantized dir, exported on the fly)")
+    e.add_argument("--float-reference", action="store_true", help="for hub models, download the float model too")
+    e.add_argument("--float-checkpoint", metavar="PATH",
+                   help="the float checkpoint of a saved quantized model, when it moved (checked by content hash)")
+    e.add_argument("--allow-nonfinite", action="store_true", help="evaluate even when weights hold NaN/Inf")
+    e.add_argument("--backend", choices=("pytorch", "onnxruntime"),
+                   help="pytorch (simulation; the default) or onnxruntime (the default for an .onnx file; a "
+                        "quantized dir is exported on the fly)")
     e.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: physical cores)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -221,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_cpu_parser(sub)
 
-    ls = sub.add_parser("list", help="methods, presets and bundled models")
+    ls = sub.add_parser("list", help="methods (with their cost), presets and bundled models")
     ls.set_defaults(func=cmd_list)
 
     b = sub.add_parser("bench", help="resumable sweep: models × methods × bits × seeds, appended to a store")
@@ -234,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib", default="bundled")
     b.add_argument("--data", default="bundled", help="evaluation data")
     b.add_argument("--no-stress", action="store_true", help="skip the outlier-stress variants")
-    b.add_argument("--store", default="bench_runs.jsonl", help="JSON-lines results store (resumed if present)")
-    b.add_argument("--markdown", help="also write the accuracy tables to this file")
+    b.add_argument("--store", default="bench_runs.jsonl",
+                   help="JSON-lines results store (resumed if present; several processes may share it)")
+    b.add_argument("--markdown", help="also write the accuracy tables to this file (replaced only if vitquant wrote it)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -247,16 +434,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"vitquant: warning: {' '.join(str(message).split())}\n"
+
+
+def report_error(e: BaseException) -> int:
+    """Print a user error as one line and return the exit code 2."""
+    if isinstance(e, OSError) and not isinstance(e, VitquantError):
+        where = f": '{e.filename}'" if e.filename else ""
+        text = f"{e.strerror or e}{where}; check the path, its permissions and the free disk space"
+    else:
+        text = str(e)
+    print(f"vitquant: error: {' '.join(text.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
-    except VitquantError as e:
-        print(f"vitquant: error: {e}", file=sys.stderr)
-        return 2
+    except (VitquantError, OSError) as e:  # OSError: a refusal the checks could not foresee (disk full)
+        return report_error(e)
     except KeyboardInterrupt:
         print("vitquant: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

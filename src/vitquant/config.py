@@ -19,16 +19,26 @@ MIN_BITS, MAX_BITS = 2, 8
 _PRESET = re.compile(r"^w(\d+)a(\d+)$")
 
 
+def _refuse_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON value")
+
+
+def strict_json_loads(text: str) -> Any:
+    """json.loads without the NaN/Infinity extension, which is not JSON and that other readers refuse."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def parse_options(pairs: "list[str] | tuple[str, ...]", what: str = "--opt") -> dict[str, Any]:
-    """key=value pairs; a value is parsed as JSON when it is JSON (numbers, true/false, lists)."""
+    """key=value pairs; a value is parsed as (strict) JSON when it is JSON (numbers, true/false, lists),
+    else kept as the string; the method's Options types then coerce and check it."""
     opts: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise VitquantError(f"{what} {pair!r} is not of the form key=value")
         try:
-            opts[key] = json.loads(value)
-        except json.JSONDecodeError:
+            opts[key] = strict_json_loads(value)
+        except ValueError:  # JSONDecodeError is a ValueError, as is a NaN/Infinity token
             opts[key] = value
     return opts
 
@@ -97,6 +107,13 @@ class QuantConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise VitquantError(f"method must be a method name (see `vitquant list`), got {self.method!r}")
+        if not isinstance(self.options, dict):
+            raise VitquantError(f"options must be a mapping of option names to values, got {self.options!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -2**63 <= self.seed < 2**64:
+            raise VitquantError(f"seed must be an integer that fits 64 bits (torch seeds its generators with it), "
+                                f"got {self.seed!r}")
         for name in ("w_bits", "a_bits"):
             b = getattr(self, name)
             if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
@@ -104,7 +121,7 @@ class QuantConfig:
         b = self.patch_embed_input_bits
         if b is not None and (not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS):
             raise VitquantError(f"patch_embed_input_bits must be None or {MIN_BITS}..{MAX_BITS}, got {b!r}")
-        if not isinstance(self.calib_size, int) or self.calib_size < 1:
+        if not isinstance(self.calib_size, int) or isinstance(self.calib_size, bool) or self.calib_size < 1:
             raise VitquantError(f"calib_size must be a positive integer, got {self.calib_size!r}")
         if not isinstance(self.deployable, bool):
             raise VitquantError(f"deployable must be True or False, got {self.deployable!r}")
@@ -137,10 +154,12 @@ class QuantConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise VitquantError(f"a quantization config is a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

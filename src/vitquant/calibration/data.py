@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -156,6 +157,21 @@ def load_labeled(source, data_cfg: dict, limit: int | None = None) -> LabeledSet
     return LabeledSet(images, labels, _folder_description(folder, len(images), len(files), skipped), classes, skipped)
 
 
+def check_source(source, role: str) -> int | None:
+    """The cheap checks of a 'bundled'/folder source, run before any model is loaded; for an evaluation
+    folder, returns its number of classes (None for 'bundled' and non-path sources)."""
+    if not isinstance(source, (str, os.PathLike)) or source == BUNDLED:
+        return None
+    folder = _existing_folder(Path(source), role)
+    if role != "evaluation":
+        return None
+    classes = [e for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+    if not classes:
+        raise VitquantError(f"evaluation folder '{folder}' has no class subfolders; evaluation needs an ImageFolder "
+                            "layout (one subfolder per class, e.g. cat/1.jpg, dog/2.jpg)")
+    return len(classes)
+
+
 def _bundled(split: str, data_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     input_size = tuple(data_cfg["input_size"])
     if input_size != _BUNDLED_INPUT_SIZE:
@@ -249,7 +265,7 @@ def _decode_until(folder: Path, files: list[Path], want: int, data_cfg: dict, ro
                             f"{channels}; pass a preprocessed tensor [N, {channels}, H, W] instead")
     mode = "L" if channels == 1 else "RGB"
     transform = _eval_transform(data_cfg)
-    images, used, skipped = [], [], []
+    images, used, skipped, unusual = [], [], [], {}
     show = len(files) >= _PROGRESS_MIN_FILES and sys.stderr.isatty()
     with tqdm(total=want, desc=f"decoding {role} images", unit="img", disable=not show) as bar:
         for index, path in enumerate(files):
@@ -257,20 +273,59 @@ def _decode_until(folder: Path, files: list[Path], want: int, data_cfg: dict, ro
                 break
             try:
                 with Image.open(path) as image:
-                    images.append(transform(image.convert(mode)))
+                    images.append(transform(to_mode(image, mode)))
+            except UnsupportedImageMode as e:
+                skipped.append(str(path))
+                unusual[e.mode] = unusual.get(e.mode, 0) + 1
+                continue
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 skipped.append(str(path))
                 continue
             used.append(index)
             bar.update(1)
     skipped.sort()
+    modes = "" if not unusual else (" (" + ", ".join(f"{n} in image mode {m}, whose value range is unknown"
+                                                    for m, n in sorted(unusual.items())) + ")")
     if not images:
         raise VitquantError(f"{role} folder '{folder}' holds 0 readable images ({len(skipped)} files could not be "
-                            f"decoded: {_names(folder, skipped)}); replace them with valid image files")
+                            f"decoded{modes}: {_names(folder, skipped)}); replace them with valid 8- or 16-bit "
+                            "image files")
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in {role} folder '{folder}': "
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s){modes} in {role} folder '{folder}': "
                       f"{_names(folder, skipped)}", stacklevel=3)
     return torch.stack(images), used, skipped
+
+
+class UnsupportedImageMode(ValueError):
+    def __init__(self, mode: str) -> None:
+        super().__init__(f"image mode {mode} has no known value range")
+        self.mode = mode
+
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` as 8-bit "L" or "RGB", scaling wider integer images instead of clipping them.
+
+    PIL's convert("L") clips a 16-bit image at 255, so a 16-bit PNG would arrive as a white square;
+    16-bit values are mapped onto 0..255 (÷257, so 65535 → 255). A 32-bit "I" image is read as 16-bit
+    when its values fit 0..65535 (how older Pillow opens 16-bit PNGs); float ("F") images and wider
+    integers have no known range and are refused (the caller skips and counts them).
+    """
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnsupportedImageMode(image.mode)
+        image = Image.fromarray(np.round(values / 257.0).clip(0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise UnsupportedImageMode(image.mode)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns on every such file when converting a palette straight to RGB
+    try:
+        return image.convert(mode)
+    except ValueError:  # e.g. LAB converts to RGB but not to L
+        return image.convert("RGB").convert(mode)
 
 
 def _eval_transform(data_cfg: dict):

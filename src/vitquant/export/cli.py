@@ -25,16 +25,31 @@ def _quantized(path: str):
     return vitquant.load(path)
 
 
+def _is_vitquant_onnx(path: Path) -> bool:
+    """An .onnx file vitquant exported (its producer name), the only kind `--force` replaces."""
+    try:
+        import onnx
+
+        return onnx.load(str(path), load_external_data=False).producer_name == "vitquant"
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours to overwrite
+        return False
+
+
 def cmd_export(args) -> int:
-    from vitquant.export.onnx_qdq import export
+    from vitquant.calibration.data import check_source
+    from vitquant.serialization import check_output_file, is_vitquant_markdown, write_output_text
 
     if args.format != "onnx":
         raise VitquantError(f"export format {args.format!r} is not supported; use --format onnx")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise VitquantError(f"output file '{out}' already exists; pass --force to replace it")
+    if args.limit is not None and args.limit < 1:
+        raise VitquantError(f"--limit must be a positive number of images, got {args.limit}")
+    out = check_output_file(args.out, args.force, _is_vitquant_onnx, "ONNX file")
+    if args.report:  # a report vitquant wrote is replaced; anything else never
+        check_output_file(args.report, True, is_vitquant_markdown, "export report")
+    if args.parity:
+        check_source(args.parity, "evaluation")
     qmodel = _quantized(args.model)
-    report = export(qmodel, out, scheme=args.scheme, non_uniform=args.non_uniform, bias=args.bias)
+    report = _export_atomically(qmodel, out, args)
     text = report.to_markdown()
     if args.parity:
         from vitquant.export.parity import check_parity
@@ -43,17 +58,59 @@ def cmd_export(args) -> int:
                            bias=args.bias)
         text += "\n" + par.to_markdown()
     if args.report:
-        Path(args.report).write_text(text, encoding="utf-8")
+        write_output_text(args.report, text)
     print(text if not args.quiet else f"exported {args.model} -> {out}")
     return 0
+
+
+def _export_atomically(qmodel, out: Path, args):
+    """Export into a temporary sibling and rename it into place: a failed export leaves no half file and
+    an existing one untouched."""
+    import os
+    import tempfile
+
+    from vitquant.export.onnx_qdq import export
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".onnx", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        raise VitquantError(f"cannot write the ONNX file '{out}': {e.strerror}") from None
+    try:
+        report = export(qmodel, tmp, scheme=args.scheme, non_uniform=args.non_uniform, bias=args.bias)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise VitquantError(f"could not write the ONNX file '{out}': {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    report.path = str(out)
+    return report
 
 
 def runtime_model(path: str, threads: int | None = None):
     """An OrtModel for a .onnx file, or for a quantized directory (exported to a temporary file)."""
     from vitquant.export.runtime import OrtModel
 
-    if Path(path).is_file() and path.endswith(".onnx"):
-        return OrtModel(path, threads)
+    if threads is not None and threads < 1:
+        raise VitquantError(f"--threads must be at least 1, got {threads}")
+    if path.endswith(".onnx") or Path(path).is_file():
+        if not Path(path).is_file():
+            raise VitquantError(f"ONNX model file '{path}' does not exist")
+        try:
+            model = OrtModel(path, threads)
+        except VitquantError:
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for a bad file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise VitquantError(f"'{path}' is not a loadable ONNX model ({first}): it is truncated or damaged; "
+                                "export it again with `vitquant export`") from None
+        names = [i.name for i in model.session.get_inputs()]
+        if names != ["input"] or "logits" not in model.output_names:
+            raise VitquantError(f"'{path}' was not exported by vitquant (inputs {names}, outputs "
+                                f"{model.output_names}); evaluate a file written by `vitquant export`")
+        return model
     from vitquant.export.onnx_qdq import export
 
     return OrtModel(export(_quantized(path)).model, threads)
@@ -61,8 +118,15 @@ def runtime_model(path: str, threads: int | None = None):
 
 def cmd_eval(args) -> int:
     import vitquant
+    from vitquant.calibration.data import check_source
 
+    if args.limit is not None and args.limit < 1:
+        raise VitquantError(f"--limit must be a positive number of images, got {args.limit}")
+    classes = check_source(args.data, "evaluation")
     model = runtime_model(args.model, args.threads)
+    from vitquant.cli import warn_class_count
+
+    warn_class_count(model, classes)
     res = vitquant.evaluate(model, args.data, limit=args.limit, progress=not args.quiet)
     print(f"{args.model} [onnxruntime, {model.scheme or 'float'}]: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  "
           f"on {res.source} ({res.n} images, {res.seconds:.1f} s)")
@@ -86,15 +150,17 @@ def add_export_parser(sub) -> None:
     e.add_argument("model", help="a saved quantized model directory")
     e.add_argument("--format", default="onnx", help="only 'onnx'")
     e.add_argument("--out", required=True, help="the .onnx file to write")
-    e.add_argument("--scheme", default="auto", help="auto (ISA-aware), u8s8, u8u8 or u8s8-w7")
+    e.add_argument("--scheme", default="auto", choices=("auto", "u8s8", "u8u8", "u8s8-w7"),
+                   help="auto (ISA-aware), u8s8, u8u8 or u8s8-w7")
     e.add_argument("--non-uniform", default="uniform8", choices=("uniform8", "float"),
                    help="how quantizers without a QDQ form (log2, log√2, twin-uniform…) are exported")
     e.add_argument("--bias", default="float", choices=("float", "int32"),
                    help="float (default, bit-exact with the simulation) or int32 (inside the integer GEMM)")
     e.add_argument("--parity", metavar="DATA", help="also compare simulation and ONNX Runtime on DATA")
     e.add_argument("--limit", type=int, default=500, help="images for --parity (default 500)")
-    e.add_argument("--report", help="write the export (and parity) report as markdown here")
-    e.add_argument("--force", action="store_true")
+    e.add_argument("--report", help="write the export (and parity) report as markdown here (replaced only if "
+                                    "vitquant wrote it)")
+    e.add_argument("--force", action="store_true", help="replace an existing .onnx file, only if vitquant wrote it")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 
@@ -118,14 +184,15 @@ def add_subcommands(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vitquant.export", description="ONNX export and ONNX Runtime")
+    from vitquant.cli import Parser, report_error
+
+    p = Parser(prog="python -m vitquant.export", description="ONNX export and ONNX Runtime")
     add_subcommands(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except VitquantError as e:
-        print(f"vitquant: error: {e}", file=sys.stderr)
-        return 2
+    except (VitquantError, OSError) as e:
+        return report_error(e)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vitquant.errors import VitquantError
@@ -9,6 +12,76 @@ from vitquant.errors import VitquantError
 if TYPE_CHECKING:
     from vitquant.calibration.engine import Context
     from vitquant.config import QuantConfig
+
+
+_TRUE, _FALSE, _NONE = ("true",), ("false",), ("none", "null")
+
+
+def _describe(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _scalar(method: str, key: str, value: Any, tp: Any) -> Any:
+    """`value` as `tp` (bool, int, float or str), or a VitquantError naming the option and the form it takes."""
+    def bad() -> VitquantError:
+        return VitquantError(f"option {key!r} of method {method!r} must be {_describe(tp)}, got {value!r}")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad()
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if tp is float else int(value.strip())
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad()
+        if tp is int:
+            if float(value) != int(value):
+                raise bad()
+            return int(value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    return value
+
+
+def coerce_option(method: str, key: str, value: Any, tp: Any) -> Any:
+    """Coerce one option value to its declared type: bool, int, float, str, X | None, Literal[...],
+    tuple[X, ...] / tuple[X, Y] (from a list, or a comma-separated string); other types pass through."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return coerce_option(method, key, value, rest[0] if len(rest) == 1 else Any)
+    if origin is typing.Literal:
+        if value not in args:
+            raise VitquantError(f"option {key!r} of method {method!r} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        elems = [a for a in args if a is not Ellipsis]
+        noun = {int: "integers", float: "numbers"}.get(elems[0], "values") if elems else "values"
+        count = "" if args[-1:] == (Ellipsis,) else f"{len(args)} "
+        form = f"a list of {count}{noun}, e.g. [{', '.join(['1', '2'] if elems[:1] == [int] else ['0.99', '0.999'])}]"
+        shown = value
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not count:
+            value = [value]
+        try:
+            if not isinstance(value, (list, tuple)) or (count and len(value) != len(args)):
+                raise VitquantError("")
+            return tuple(_scalar(method, key, v, a) for v, a in zip(value, args if count else [elems[0]] * len(value)))
+        except VitquantError:
+            raise VitquantError(f"option {key!r} of method {method!r} must be {form}, got {shown!r}") from None
+    return _scalar(method, key, value, tp)
 
 
 @dataclasses.dataclass
@@ -26,7 +99,12 @@ class Method:
 
     @classmethod
     def validate_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:
-        """Check user options against the method's Options dataclass; returns them with defaults filled."""
+        """Check user options against the method's Options dataclass; returns them with defaults filled.
+
+        Values are coerced to the field's declared type first (the CLI hands over JSON values, or the
+        raw string when a value is not JSON), so `reparam_head=False` is the boolean, not a truthy
+        string; enumerations are checked by each Options' own __post_init__.
+        """
         options = dict(options or {})
         allowed = {f.name for f in dataclasses.fields(cls.Options)}
         unknown = sorted(set(options) - allowed)
@@ -34,10 +112,12 @@ class Method:
             raise VitquantError(
                 f"method {cls.name!r} has no option(s) {unknown}; its options are {sorted(allowed) or 'none'}"
             )
+        hints = typing.get_type_hints(cls.Options)
+        coerced = {k: coerce_option(cls.name, k, v, hints.get(k, Any)) for k, v in options.items()}
         try:
-            return dataclasses.asdict(cls.Options(**options))
-        except (TypeError, ValueError) as e:
-            raise VitquantError(f"method {cls.name!r}: invalid options {options}: {e}") from None
+            return dataclasses.asdict(cls.Options(**coerced))
+        except (TypeError, ValueError, VitquantError) as e:
+            raise VitquantError(f"method {cls.name!r}: invalid options {coerced}: {e}") from None
 
     def options(self, config: "QuantConfig"):
         return self.Options(**config.options)

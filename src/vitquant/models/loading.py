@@ -9,6 +9,9 @@ downloaded: the CLI passes the core's structure check, so an unsupported model f
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,43 +27,95 @@ BUNDLED = {"bundled": "vit_mnist_d6", "vit-mnist-d6": "vit_mnist_d6"}
 MODEL_FORMAT = "vitquant-model/1"
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0].split(". ")[0][:200] if lines else type(e).__name__
+
+
+def _refused_global(message: str) -> str | None:
+    """The object a refused pickle wanted to create (torch words it 'GLOBAL posix.system'), if named."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return m.group(1) if m else None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, never unpickling anything but tensors and plain containers."""
     if not path.is_file():
         raise VitquantError(f"checkpoint file '{path}' does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise VitquantError(f"checkpoint '{path}' is not a readable safetensors file ({_first_line(e)}): it is "
+                                "truncated or damaged; download or export it again") from None
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling refusal or corrupt file
-        raise VitquantError(f"could not read checkpoint '{path}' safely (weights_only=True): {e}") from None
+        with warnings.catch_warnings():  # its protocol note is two lines about the file, not advice
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message advises retrying with weights_only=False, i.e. running the file's code:
+        # never repeat that advice
+        what = _refused_global(str(e))
+        raise VitquantError(f"checkpoint '{path}' holds pickled Python objects{f' ({what})' if what else ''}, not "
+                            "just tensors; vitquant refuses to run code from a checkpoint: convert it to "
+                            ".safetensors where you trust its origin, or use the original weights") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a foreign format: torch raises many types
+        raise VitquantError(f"could not read checkpoint '{path}' ({_first_line(e)}): it is truncated, damaged or "
+                            "not a PyTorch checkpoint; pass a .safetensors or .pth state dict") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise VitquantError(f"checkpoint '{path}' does not hold a state dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise VitquantError(f"checkpoint '{path}' does not hold a state dict (names → tensors); pass the model's "
+                            "weights saved with torch.save(model.state_dict(), ...) or safetensors")
     return sd
 
 
 def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:  # strict=False only to name the problem better than torch does
-        raise VitquantError(
-            f"checkpoint '{path}' does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    # torch reports a shape mismatch as a long traceback even with strict=False; name them instead
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+             if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{what} {items[:5]}{' …' if len(items) > 5 else ''}" for what, items in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong))
+                 if items]
+        raise VitquantError(f"checkpoint '{path}' does not fit the model: {'; '.join(parts)}; pass the checkpoint "
+                            "of this architecture (or the architecture this checkpoint was trained as)")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise VitquantError(f"checkpoint '{path}' does not fit the model ({_first_line(e)})") from None
 
 
 def load_vitquant_model(path: Path) -> nn.Module:
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         raise VitquantError(f"'{path}' has no '{meta_path.name}' beside it describing its architecture")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != MODEL_FORMAT:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"),
+                          parse_constant=lambda token: (_ for _ in ()).throw(ValueError(f"{token} is not JSON")))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise VitquantError(f"'{meta_path}' is not valid JSON ({_first_line(e)}); restore the file") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise VitquantError(f"'{meta_path}' is not a {MODEL_FORMAT} description")
+    fields = {"architecture": str, "model_kwargs": dict, "pretrained_cfg": dict}
+    bad = [k for k, t in fields.items() if not isinstance(meta.get(k), t)]
+    if bad:
+        raise VitquantError(f"'{meta_path}' lacks valid {', '.join(bad)}; restore the file")
     source = {"type": meta["architecture"], "kwargs": meta["model_kwargs"], "pretrained_cfg": meta["pretrained_cfg"],
               "weights": str(path)}
-    model = build_from_source(source)
+    try:
+        model = build_from_source(source)
+    except VitquantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the sidecar's kwargs reach the model's constructor
+        raise VitquantError(f"'{meta_path}' describes a model that cannot be built ({_first_line(e)})") from None
     _load_weights(model, read_state_dict(path), path)
     model.vitquant_meta = meta
     return model
