@@ -82,7 +82,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(tmp_path, capsys, cas
         calib.mkdir()
     elif case == "corrupt_only":
         calib.mkdir()
-        _images(calib, 0, corrupt=3)
+        _images(calib, 0, corrupt=9)
     elif case == "too_few":
         _images(calib, 3)
     else:

@@ -122,7 +122,7 @@ def cmd_quantize(args) -> int:
     _min_calib(args)
     out = check_output_dir(args.out, args.force)
     if args.calib not in GENERATED:
-        check_source(args.calib, "calibration")
+        check_source(args.calib, "calibration", min_images=args.min_calib)
     if args.eval:
         check_source(args.eval, "evaluation")
     fail_fast_offline(args.model, args.checkpoint)

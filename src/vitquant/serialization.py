@@ -171,7 +171,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _meta_digest(meta: dict[str, Any]) -> str:
+def meta_digest(meta: dict[str, Any]) -> str:
     signed = {k: meta[k] for k in _SIGNED if k in meta}
     text = json.dumps(signed, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -245,7 +245,7 @@ def save(qmodel, out: str | Path, force: bool = False, extra: dict[str, Any] | N
     float_bytes = sum(p.numel() * 4 for p in qmodel.model.parameters())
     with atomic_dir(out, force) as tmp:
         save_file(state, str(tmp / WEIGHTS))
-        meta["integrity"] = {"model.safetensors_sha256": sha256_file(tmp / WEIGHTS), "meta_sha256": _meta_digest(meta)}
+        meta["integrity"] = {"model.safetensors_sha256": sha256_file(tmp / WEIGHTS), "meta_sha256": meta_digest(meta)}
         (tmp / META).write_text(strict_json_dumps(meta, META) + "\n", encoding="utf-8")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
@@ -277,7 +277,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
                                                  ("model.safetensors_sha256", "meta_sha256")):
             raise VitquantError(f"'{path / META}' lost its integrity checksums; the directory was edited or damaged: "
                                 "save or quantize the model again")
-        if sums["meta_sha256"] != _meta_digest(meta):
+        if sums["meta_sha256"] != meta_digest(meta):
             raise VitquantError(f"'{path / META}' does not match its checksum: it was edited or damaged after "
                                 "saving; save or quantize the model again")
         if sums["model.safetensors_sha256"] != sha256_file(path / WEIGHTS):

@@ -116,7 +116,8 @@ def load_calibration(source, data_cfg: dict, n: int = 32, seed: int = 0, min_ima
     if len(result.images) < min_images:
         unreadable = f" ({len(result.skipped)} more could not be decoded)" if result.skipped else ""
         raise VitquantError(f"{what} holds only {len(result.images)} readable images{unreadable}; "
-                            f"calibration needs at least {min_images} (add images or lower min_images)")
+                            f"calibration needs at least {min_images} (add images, or lower the minimum: "
+                            "--min-calib N, min_images=N)")
     return result
 
 
@@ -157,13 +158,18 @@ def load_labeled(source, data_cfg: dict, limit: int | None = None) -> LabeledSet
     return LabeledSet(images, labels, _folder_description(folder, len(images), len(files), skipped), classes, skipped)
 
 
-def check_source(source, role: str) -> int | None:
-    """The cheap checks of a 'bundled'/folder source, run before any model is loaded; for an evaluation
-    folder, returns its number of classes (None for 'bundled' and non-path sources)."""
+def check_source(source, role: str, min_images: int = 1) -> int | None:
+    """The cheap checks of a 'bundled'/folder source, run before any model is loaded (a calibration folder
+    with fewer image files than `min_images` cannot do); for an evaluation folder, returns its number of
+    classes (None for 'bundled' and non-path sources)."""
     if not isinstance(source, (str, os.PathLike)) or source == BUNDLED:
         return None
     folder = _existing_folder(Path(source), role)
     if role != "evaluation":
+        found = len(_image_files(folder))
+        if 0 < found < min_images:
+            raise VitquantError(f"{role} folder '{folder}' holds only {found} image files; calibration needs at "
+                                f"least {min_images} (add images, or lower the minimum: --min-calib N)")
         return None
     classes = [e for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
     if not classes:

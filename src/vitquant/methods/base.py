@@ -33,18 +33,19 @@ def _scalar(method: str, key: str, value: Any, tp: Any) -> Any:
             return value.strip().lower() in _TRUE
         raise bad()
     if tp in (int, float):
+        number = value
         if isinstance(value, str):
             try:
-                value = float(value.strip()) if tp is float else int(value.strip())
+                number = float(value.strip()) if tp is float else int(value.strip())
             except ValueError:
                 raise bad() from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise bad()
         if tp is int:
-            if float(value) != int(value):
+            if float(number) != int(number):
                 raise bad()
-            return int(value)
-        return float(value)
+            return int(number)
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise bad()

@@ -41,7 +41,7 @@ def _refused_global(message: str) -> str | None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, never unpickling anything but tensors and plain containers."""
     if not path.is_file():
-        raise VitquantError(f"checkpoint file '{path}' does not exist")
+        raise VitquantError(f"checkpoint file '{path}' does not exist; check the path")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -96,7 +96,9 @@ def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> 
 def load_vitquant_model(path: Path) -> nn.Module:
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
-        raise VitquantError(f"'{path}' has no '{meta_path.name}' beside it describing its architecture")
+        raise VitquantError(f"'{path}' has no '{meta_path.name}' beside it describing its architecture; keep the "
+                            "JSON file written with the model next to it (a plain checkpoint goes with a model name: "
+                            "--model NAME --checkpoint FILE)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"),
                           parse_constant=lambda token: (_ for _ in ()).throw(ValueError(f"{token} is not JSON")))
