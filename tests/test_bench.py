@@ -56,3 +56,40 @@ def test_sweep_method_options_are_validated_and_kept_as_their_own_row(tmp_path, 
     run_sweep(spec, store, progress=False)
     assert [r["method"] for r in store.records] == ["float", "repq-vit", "repq-vit:reparam_head=true"]
     assert "| repq-vit:reparam_head=true |" in render_accuracy(store.records)
+
+
+def _rec(seed, top1, **kw):
+    return {"model": "m", "variant": "natural", "method": "minmax", "bits": "W4A4", "seed": seed, "calib_size": 32,
+            "top1": top1, "agreement": 90.0, **kw}
+
+
+def test_summaries_count_each_run_once():
+    from vitquant.bench import summarize
+
+    # regression: two unlocked sweeps wrote seed 0 twice; the table said "3 seeds" and weighted it double
+    records = [_rec(0, 10.0), _rec(1, 20.0), _rec(0, 10.0, finished="later")]
+    s = summarize(records)[("m", "natural", "minmax", "W4A4")]
+    assert s["n"] == 2 and s["top1"] == 15.0
+    assert "mean over 2 calibration seeds" in render_accuracy(records)
+
+
+def test_store_refuses_a_file_that_is_not_a_store_and_leaves_it_alone(tmp_path):
+    import pytest
+
+    from vitquant.errors import VitquantError
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\nno trailing newline")
+    with pytest.raises(VitquantError, match="not a vitquant results store"):
+        ResultsStore(notes)
+    assert notes.read_text() == "# my notes\nno trailing newline"
+
+
+def test_store_reads_what_another_writer_appended(tmp_path):
+    a, b = ResultsStore(tmp_path / "s.jsonl"), ResultsStore(tmp_path / "s.jsonl")
+    a.append(_rec(0, 10.0))
+    with b.claim(_rec(0, 10.0)) as mine:
+        assert not mine  # finished by the other writer: seen when claiming
+    b.append(_rec(1, 20.0))
+    assert [r["seed"] for r in b.records] == [0, 1]
+    assert [r["seed"] for r in ResultsStore(tmp_path / "s.jsonl").records] == [0, 1]

@@ -47,3 +47,48 @@ def test_parse_method_spec():
         "repq-vit", {"reparam_head": True, "percentile": 99})
     with pytest.raises(VitquantError, match="repq-vit:oops"):
         parse_method_spec("repq-vit:oops")
+
+
+def test_parse_options_keeps_nan_and_infinity_as_text():
+    # strict JSON: NaN/Infinity are not JSON values, so they stay strings for the Options types to refuse
+    assert parse_options(["a=NaN", "b=Infinity", "c=-Infinity"]) == {"a": "NaN", "b": "Infinity", "c": "-Infinity"}
+    assert "NaN" not in QuantConfig().to_json()
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("TRUE", True), ("False", False), ("false", False)])
+def test_boolean_options_from_the_command_line(text, expected):
+    # regression: "False" (not JSON) was kept as a string, and a non-empty string is truthy
+    options = QuantConfig(method="repq-vit", options=parse_options([f"reparam_head={text}"])).options
+    assert options["reparam_head"] is expected
+
+
+@pytest.mark.parametrize("method, option, value, message", [
+    ("repq-vit", "reparam_head", "maybe", "must be true or false, got 'maybe'"),
+    ("repq-vit", "reparam_head", 1, "must be true or false"),
+    ("repq-vit", "candidates", "abc", r"must be a list of numbers, e\.g\. \[0\.99, 0\.999\], got 'abc'"),
+    ("percentile", "percentile", "abc", "must be a number, got 'abc'"),
+    ("percentile", "percentile", "NaN", "must be a number"),
+    ("erq", "max_flips", 2.5, "must be an integer"),
+    ("adalog", "q_range", [1, 2, 3], "list of 2 integers"),
+    ("ias-vit", "stage1_inputs", "both", r"one of \['float', 'quantized'\]"),
+    ("fq-vit", "observer", "bogus", "observer must be one of"),  # enums: the Options' own check
+])
+def test_option_values_are_checked_against_their_declared_types(method, option, value, message):
+    with pytest.raises(VitquantError, match=message) as e:
+        QuantConfig(method=method, options={option: value})
+    assert "object is not iterable" not in str(e.value) and "not supported between" not in str(e.value)
+
+
+def test_option_values_are_coerced_to_their_declared_types():
+    assert QuantConfig(method="repq-vit", options={"candidates": "0.99, 0.999"}).options["candidates"] == (0.99, 0.999)
+    assert QuantConfig(method="repq-vit", options={"candidates": 0.99}).options["candidates"] == (0.99,)
+    assert QuantConfig(method="percentile", options={"percentile": 1}).options["percentile"] == 1.0
+    assert QuantConfig(method="ias-vit", options={"iters": "none"}).options["iters"] is None
+    assert QuantConfig(method="adalog", options={"q_range": [2, 9]}).options["q_range"] == (2, 9)
+
+
+@pytest.mark.parametrize("bad", [[], "x", {"method": ["repq-vit"]}, {"options": [1]}, {"seed": 2**70},
+                                 {"calib_size": True}])
+def test_a_damaged_config_is_a_vitquant_error(bad):
+    with pytest.raises(VitquantError):
+        QuantConfig.from_dict(bad)

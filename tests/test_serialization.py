@@ -60,3 +60,46 @@ def test_quantize_leaves_float_model_untouched(tiny_vit, calib_images):
     before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
     vitquant.quantize(tiny_vit, "w4a4", CalibrationSet(calib_images, "r", []), progress=False)
     assert all(torch.equal(before[k], v) for k, v in tiny_vit.state_dict().items())
+
+
+def test_saved_record_is_strict_json_with_checksums_and_the_float_checkpoint(tiny_vit, calib_images, tmp_path):
+    from safetensors.torch import save_file
+
+    from vitquant.config import strict_json_loads
+    from vitquant.serialization import sha256_file
+
+    ckpt = tmp_path / "float.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(ckpt))
+    tiny_vit.vitquant_source = {"type": "timm.VisionTransformer", "weights": "float.safetensors",
+                                "kwargs": dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64,
+                                               depth=2, num_heads=2), "pretrained_cfg": tiny_vit.pretrained_cfg}
+    q = vitquant.quantize(tiny_vit, "w8a8", CalibrationSet(calib_images, "r", []), progress=False)
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the source names the checkpoint relative to here, as a user typed it
+    try:
+        out = vitquant.save(q, tmp_path / "q")
+    finally:
+        os.chdir(cwd)
+    meta = strict_json_loads((out / "quant_config.json").read_text())
+    assert meta["float_weights"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt),
+                                     "bytes": ckpt.stat().st_size}
+    assert meta["integrity"]["model.safetensors_sha256"] == sha256_file(out / "model.safetensors")
+    assert "# " in (out / "report.md").read_text().splitlines()[0]
+
+
+def test_a_directory_saved_before_checksums_still_loads_and_is_replaceable(tiny_vit, calib_images, tmp_path):
+    q = vitquant.quantize(tiny_vit, "w4a4", CalibrationSet(calib_images, "r", []), progress=False)
+    out = vitquant.save(q, tmp_path / "q")
+    meta = json.loads((out / "quant_config.json").read_text())
+    meta["format"] = "vitquant-quantized/1"
+    del meta["integrity"], meta["float_weights"]
+    (out / "quant_config.json").write_text(json.dumps(meta))
+    (out / ".vitquant-output").unlink()
+    (out / "report.md").unlink()  # what a version-1 directory held: weights and record only
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(vitquant.load(out, model=tiny_vit)(x), q(x))
+    vitquant.save(q, out, force=True)
+    assert (out / ".vitquant-output").is_file()
