@@ -166,13 +166,17 @@ def _units(model: nn.Module, s: Structure, rec, calls: Counter, first: dict) -> 
 
     visit("")
     names.sort(key=lambda n: first.get(n, 1 << 30))
-    units, prev_out = [], None
+    units, prev = [], None
     for name in names:
         mc = last_call.get(name)
-        chained = bool(mc and prev_out is not None and mc.in_ids and mc.in_ids[0] == prev_out)
+        module = model.get_submodule(name) if name else model
+        # chained: called like the previous unit (same class, same tensor arguments) with its output as input,
+        # so the previous unit's call with that output swapped in is this unit's call
+        chained = bool(mc and prev is not None and mc.in_ids and mc.in_ids[0] == prev[0]
+                       and type(module) is prev[1] and mc.signature == prev[2])
         layers = tuple(l for l in s.layers if inside(name, l))
         units.append(Unit(name, layers, tuple(c.name for c in s.cores if inside(name, c.owner)), chained))
-        prev_out = mc.out_ids[0] if mc and mc.out_ids else None
+        prev = (mc.out_ids[0], type(module), mc.signature) if mc and mc.out_ids else None
     return units
 
 

@@ -39,6 +39,22 @@ def _sdpa_args(args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
+def _to4(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, *batch, N, d] → [B·∏batch, H, N, d]: operands with extra batch axes (Hiera's mask units)
+    become the 4-D [images, heads, rows, cols] every method expects, heads staying at axis 1."""
+    if t.dim() <= 4:
+        return t
+    return t.movedim(1, -3).reshape(-1, t.shape[1], t.shape[-2], t.shape[-1])
+
+
+def _from4(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_to4` for a result whose leading axes are those of `like`."""
+    if like.dim() <= 4:
+        return t
+    lead = (like.shape[0], *like.shape[2:-2])
+    return t.reshape(*lead, t.shape[1], t.shape[-2], t.shape[-1]).movedim(-3, 1)
+
+
 def _identity(site: ActSite) -> bool:
     return (site.bypass or not site.enabled) and site.observer is None
 
@@ -67,9 +83,12 @@ class AttentionSites(nn.Module):
             if self.tap is not None:
                 self.tap.record("attention", context=out)
             return out
-        q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
-        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.size(-1))
-        qh, kh, vh = self.q_site(q), self.k_site(k), self.v_site(v)
+        q5, mask = a["query"], a["attn_mask"]
+        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q5.size(-1))
+        qh, kh, vh = (_to4(t) for t in (self.q_site(q5), self.k_site(a["key"]), self.v_site(a["value"])))
+        q, k, v = (_to4(t) for t in (q5, a["key"], a["value"]))
+        if mask is not None and q5.dim() > 4:
+            mask = _to4(mask.expand(*q5.shape[:-1], a["key"].shape[-2]))
         if a["enable_gqa"] and kh.size(-3) != qh.size(-3):
             rep = qh.size(-3) // kh.size(-3)
             kh, vh = kh.repeat_interleave(rep, dim=-3), vh.repeat_interleave(rep, dim=-3)
@@ -91,7 +110,7 @@ class AttentionSites(nn.Module):
         out = probs @ vh
         if self.tap is not None:
             self.tap.record("attention", q=q, kt=k.transpose(-2, -1), v=v, probs=probs, product=product, context=out)
-        return out
+        return _from4(out, q5)
 
 
 class MatmulSites(nn.Module):
@@ -108,9 +127,15 @@ class MatmulSites(nn.Module):
 
     def forward(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
         a, b, *rest = args
-        out = func(self.a_site(a), self.b_site(b), *rest, **kwargs)
-        if self.tap is not None:
-            self.tap.record("matmul", a=a, b=b, product=out)
+        aq, bq = self.a_site(a), self.b_site(b)
+        if self.tap is None:
+            return func(aq, bq, *rest, **kwargs)
+        if a.dim() > 4 and a.dim() == b.dim():  # the tap sees 4-D operands (and a product in the graph)
+            out4 = _to4(aq) @ _to4(bq)
+            self.tap.record("matmul", a=_to4(a), b=_to4(b), product=out4)
+            return _from4(out4, a)
+        out = func(aq, bq, *rest, **kwargs)
+        self.tap.record("matmul", a=a, b=b, product=out)
         return out
 
 

@@ -37,6 +37,10 @@ def input_size_of(model: nn.Module) -> tuple[int, int, int] | None:
         size = _pair(getattr(holder, "img_size", None)) or _pair(getattr(holder, "image_size", None))
         if size is not None:
             return (_channels(model) or 3, *size)
+    for m in model.modules():  # the first embedding that states it (TNT's pixel embedding, Twins, …)
+        size = _pair(getattr(m, "img_size", None))
+        if size is not None:
+            return (_channels(model) or 3, *size)
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     if pcfg.get("input_size"):
         return tuple(int(v) for v in pcfg["input_size"])  # type: ignore[return-value]

@@ -59,8 +59,10 @@ def install_twins(model: nn.Module) -> dict[str, nn.Module]:
 def run_trace(model: nn.Module, example: torch.Tensor, layers: set[str]):
     names = {id(m): n for n, m in model.named_modules()}
     tracer = Tracer(names, layers, ActSite)
-    pre = torch.nn.modules.module.register_module_forward_pre_hook(tracer.pre_hook)
-    post = torch.nn.modules.module.register_module_forward_hook(tracer.post_hook, always_call=True)
+    handles = []
+    for m in model.modules():  # per-module hooks with kwargs: a unit's full call signature is recorded
+        handles.append(m.register_forward_pre_hook(tracer.pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(tracer.post_hook, with_kwargs=True, always_call=True))
     x = example.clone()
     tracer.mark_input(x)
     try:
@@ -73,8 +75,8 @@ def run_trace(model: nn.Module, example: torch.Tensor, layers: set[str]):
         raise VitquantError(f"the model's forward failed on an example input of shape {tuple(example.shape)}: "
                             f"{type(e).__name__}: {e}") from None
     finally:
-        pre.remove()
-        post.remove()
+        for h in handles:
+            h.remove()
     return tracer.rec
 
 

@@ -47,7 +47,7 @@ class Unit:
     name: str
     layers: tuple[str, ...]
     cores: tuple[str, ...]
-    chained: bool  # its input is the previous unit's output (no float op in between)
+    chained: bool  # called like the previous unit (same class and arguments) on its output, nothing in between
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class ModuleCall:
     out_ids: list[int]
     out_is_tensor: bool
     in_prov: list[Prov]
+    signature: str = ""  # the call's non-tensor arguments and where its tensors go (args/kwargs)
 
 
 @dataclass
@@ -177,7 +178,7 @@ class Tracer(TorchFunctionMode):
         self.rec.input_id = self.tid(x)
 
     # -- module stack -------------------------------------------------------------------------------
-    def pre_hook(self, module: nn.Module, args: Any) -> None:
+    def pre_hook(self, module: nn.Module, args: Any, kwargs: dict | None = None) -> None:
         path = self.names.get(id(module))
         if path is None:
             self._open.append((module, None))
@@ -185,9 +186,11 @@ class Tracer(TorchFunctionMode):
         n = self.invocations.get(path, 0)
         self.invocations[path] = n + 1
         self.stack.append((path, n))
-        tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
+        leaves, spec = tree_flatten((args, kwargs or {}))
+        tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+        signature = repr((spec, [None if isinstance(a, torch.Tensor) else repr(a)[:80] for a in leaves]))
         mc = ModuleCall(path, n, len(self.rec.modules), [self.tid(t) for t in tensors], [], False,
-                        [self.get(t) for t in tensors])
+                        [self.get(t) for t in tensors], signature)
         self.rec.modules.append(mc)
         self._open.append((module, mc))
         if isinstance(module, self.site_type) and tensors:
@@ -200,7 +203,8 @@ class Tracer(TorchFunctionMode):
         if _norm_kind(module) is not None and tensors:
             self.rec.norm_in.setdefault(path, []).append(self.get(tensors[0]))
 
-    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def post_hook(self, module: nn.Module, args: Any, *rest: Any) -> None:
+        output = rest[-1]  # (output) or (kwargs, output)
         if not self._open or self._open[-1][0] is not module:
             return
         _, mc = self._open.pop()
