@@ -5,6 +5,11 @@ Zen3 cores, ~97.1% test top-1 after 40 epochs). Its job is to give the quantizat
 trained ViT that anyone can rebuild in minutes, not to be state of the art.
 
     python benchmarks/train_reference.py --depth 6 --epochs 40 --out src/vitquant/assets/vit_mnist_d6.safetensors
+    python benchmarks/train_reference.py --arch swin --epochs 30 --out benchmarks/work/swin_mnist.safetensors
+
+`--arch swin` trains the Swin reference model: timm `SwinTransformer`, patch 2 (14×14 tokens), window 7,
+so stage 1 has 2×2 windows and its second block really shifts them (by 3); stage 2 (7×7 after patch
+merging) is one window, where timm turns the shift off.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 try:
@@ -32,6 +38,14 @@ def model_kwargs(depth: int) -> dict:
     # Patch 7 gives 16 patches + cls = 17 tokens: patch 4 (50 tokens) is ~3x slower per epoch on CPU.
     return dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=192, depth=depth,
                 num_heads=3, mlp_ratio=4, qkv_bias=True, global_pool="token")
+
+
+def swin_kwargs() -> dict:
+    return dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=48, depths=(2, 2),
+                num_heads=(2, 4), window_size=7, mlp_ratio=4)
+
+
+ARCHS = {"vit": ("timm.VisionTransformer", VisionTransformer), "swin": ("timm.SwinTransformer", SwinTransformer)}
 
 
 def random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -56,7 +70,8 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     # are not weights that overfit by growing, and decaying them hurts small ViTs (DeiT recipe).
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name in ("pos_embed", "cls_token") else decay).append(p)
+        skip = p.ndim < 2 or name in ("pos_embed", "cls_token") or "relative_position" in name  # Swin tables too
+        (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -81,7 +96,9 @@ def write_atomically(path: Path, write) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=6, help="transformer blocks (6 and 12 are shipped/benchmarked)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="vit", help="vit (the ViT references) or swin")
+    parser.add_argument("--depth", type=int, default=6, help="ViT blocks (6 and 12 are shipped/benchmarked)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="PATH.safetensors; PATH.json is written beside it")
@@ -89,14 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, not {args.out.name!r}")
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # model init and drop-path
     data_rng = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
     train_x, train_y = mnist5k_split("train")
     test_x, test_y = mnist5k_split("test")
 
-    kwargs = model_kwargs(args.depth)
-    model = VisionTransformer(**kwargs, drop_path_rate=0.05)
+    kwargs = model_kwargs(args.depth) if args.arch == "vit" else swin_kwargs()
+    architecture, cls = ARCHS[args.arch]
+    model = cls(**kwargs, drop_path_rate=0.05)
     optimizer = torch.optim.AdamW(adamw_param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.999))
     batch_size = 64
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
@@ -111,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"ViT depth {args.depth}: {n_params / 1e6:.2f} M params, {len(train_x)} train / {len(test_x)} test images, "
+    print(f"{cls.__name__} {kwargs}: {n_params / 1e6:.2f} M params, {len(train_x)} train / {len(test_x)} test images, "
           f"{args.epochs} epochs x {steps_per_epoch} steps", flush=True)
 
     start = time.perf_counter()
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     write_atomically(args.out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     sidecar = {
         "format": "vitquant-model/1",
-        "architecture": "timm.VisionTransformer",
+        "architecture": architecture,
         "model_kwargs": kwargs,
         "pretrained_cfg": {"input_size": [1, 28, 28], "mean": list(MNIST5K_MEAN), "std": list(MNIST5K_STD),
                            "crop_pct": 1.0, "interpolation": "bilinear", "num_classes": 10},

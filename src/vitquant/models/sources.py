@@ -3,7 +3,7 @@
 A source is plain JSON saved with every quantized model, so `vitquant.load` can rebuild the float
 architecture without pickle:
 - {"type": "timm", "name", "kwargs"}                       timm.create_model(name, **kwargs)
-- {"type": "timm.VisionTransformer", "kwargs"}             the bundled reference models
+- {"type": "timm.<ModelClass>", "kwargs"}                  the reference models (VisionTransformer, SwinTransformer)
 - {"type": "hf", "class", "config"}                        transformers <class>(<Config>.from_dict(config))
 - {"type": "torchvision", "name", "kwargs"}                torchvision.models.get_model(name, **kwargs)
 - {"type": "python", "factory": "pkg.mod:fn", "kwargs"}    a user's own nn.Module from an importable factory
@@ -51,10 +51,13 @@ def build_from_source(source: dict[str, Any]) -> nn.Module:
         import timm
 
         model = timm.create_model(source["name"], pretrained=False, **kwargs)
-    elif kind == "timm.VisionTransformer":
-        from timm.models.vision_transformer import VisionTransformer
+    elif isinstance(kind, str) and kind.startswith("timm.") and kind[5:].isidentifier():
+        import timm.models
 
-        model = VisionTransformer(**kwargs)
+        cls = getattr(timm.models, kind[5:], None)  # a timm model class built from kwargs (the references)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise VitquantError(f"timm has no model class {kind[5:]!r}")
+        model = cls(**kwargs)
     elif kind == "hf":
         tf = _transformers()
         cls = getattr(tf, source["class"], None)
