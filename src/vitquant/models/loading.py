@@ -13,7 +13,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn

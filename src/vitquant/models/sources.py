@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from vitquant.errors import VitquantError

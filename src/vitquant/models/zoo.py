@@ -9,7 +9,7 @@ used to quantize: the core finds structure by tracing (prepare.py), for these an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
