@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from vitquant.calibration.data import LabeledSet, data_config_for, load_labeled
 from vitquant.models import QuantizedModel
+from vitquant.models.io import logits_of
 
 
 @dataclass
@@ -38,7 +39,7 @@ def predict_logits(model: nn.Module, data: LabeledSet, batch_size: int = 100, pr
     outs = []
     n_batches = -(-len(data.labels) // batch_size)
     for x, _ in tqdm(data.batches(batch_size), total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        outs.append(model(x.to(device)).float().cpu())
+        outs.append(logits_of(model(x.to(device))).float().cpu())  # HF models return an output object
     return torch.cat(outs)
 
 
