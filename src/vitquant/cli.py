@@ -229,30 +229,9 @@ def _float_reference(path: str, qmodel, args):
     return None, "its float model comes from the hub; pass --float-reference to download it"
 
 
-def _model_classes(model) -> int | None:
-    inner = getattr(model, "model", model)
-    for n in (getattr(inner, "num_classes", None), getattr(getattr(inner, "config", None), "num_labels", None)):
-        if isinstance(n, int) and n > 0:
-            return n
-    session = getattr(model, "session", None)  # an ONNX Runtime model
-    if session is not None:
-        shape = session.get_outputs()[0].shape
-        return shape[-1] if shape and isinstance(shape[-1], int) else None
-    return None
-
-
-def warn_class_count(model, folder_classes: int | None) -> None:
-    n = _model_classes(model)
-    if folder_classes is not None and n is not None and n != folder_classes:
-        warnings.warn(f"the model has {n} output classes but the evaluation folder {folder_classes} class "
-                      f"subfolders; top-1 counts an image correct only when the model's class index equals its "
-                      "folder's index in sorted order, so this accuracy is only meaningful if the folder's classes "
-                      "are the model's first ones in that order", stacklevel=2)
-
-
 def cmd_eval(args) -> int:
     import vitquant
-    from vitquant.calibration.data import check_source
+    from vitquant.calibration.data import check_class_count, check_source
 
     backend = args.backend or ("onnxruntime" if args.model.endswith(".onnx") else "pytorch")
     if args.limit is not None and args.limit < 1:
@@ -278,7 +257,7 @@ def cmd_eval(args) -> int:
         model = vitquant.load_model(args.model, args.checkpoint)
     if not args.allow_nonfinite:
         refuse_nonfinite(getattr(model, "model", model), f"model {args.model!r}")
-    warn_class_count(model, classes)
+    check_class_count(model, classes)
     res = vitquant.evaluate(model, args.data, float_model=float_model, limit=args.limit, progress=not args.quiet)
     line = f"{args.model}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.source}"
     if res.agreement is not None:

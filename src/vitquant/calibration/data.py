@@ -178,6 +178,29 @@ def check_source(source, role: str, min_images: int = 1) -> int | None:
     return len(classes)
 
 
+def _model_classes(model) -> int | None:
+    inner = getattr(model, "model", model)  # a QuantizedModel's float module
+    for n in (getattr(inner, "num_classes", None), getattr(getattr(inner, "config", None), "num_labels", None)):
+        if isinstance(n, int) and n > 0:
+            return n
+    session = getattr(model, "session", None)  # an ONNX Runtime model
+    if session is not None:
+        shape = session.get_outputs()[0].shape
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
+    return None
+
+
+def check_class_count(model, folder_classes: int | None) -> None:
+    """Warn when an evaluation folder's class count differs from the model's outputs: labels are folder
+    indices in sorted order, so the accuracy means something only if those are the model's classes."""
+    n = _model_classes(model)
+    if folder_classes is not None and n is not None and n != folder_classes:
+        warnings.warn(f"the model has {n} output classes but the evaluation folder {folder_classes} class "
+                      f"subfolders; top-1 counts an image correct only when the model's class index equals its "
+                      "folder's index in sorted order, so this accuracy is only meaningful if the folder's classes "
+                      "are the model's first ones in that order", stacklevel=2)
+
+
 def _bundled(split: str, data_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     input_size = tuple(data_cfg["input_size"])
     if input_size != _BUNDLED_INPUT_SIZE:

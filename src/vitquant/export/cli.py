@@ -118,15 +118,13 @@ def runtime_model(path: str, threads: int | None = None):
 
 def cmd_eval(args) -> int:
     import vitquant
-    from vitquant.calibration.data import check_source
+    from vitquant.calibration.data import check_class_count, check_source
 
     if args.limit is not None and args.limit < 1:
         raise VitquantError(f"--limit must be a positive number of images, got {args.limit}")
     classes = check_source(args.data, "evaluation")
     model = runtime_model(args.model, args.threads)
-    from vitquant.cli import warn_class_count
-
-    warn_class_count(model, classes)
+    check_class_count(model, classes)
     res = vitquant.evaluate(model, args.data, limit=args.limit, progress=not args.quiet)
     print(f"{args.model} [onnxruntime, {model.scheme or 'float'}]: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  "
           f"on {res.source} ({res.n} images, {res.seconds:.1f} s)")
