@@ -210,7 +210,10 @@ def test_eval_of_an_onnx_file_needs_no_backend_flag_and_warns_on_a_class_count_m
     pytest.importorskip("onnxruntime")
     model = _model_file(tmp_path)
     assert _quantize(tmp_path, model, "--deployable") == 0
-    assert main(["export", str(tmp_path / "out"), "--out", str(tmp_path / "m.onnx"), "--quiet"]) == 0
+    export = ["export", str(tmp_path / "out"), "--out", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "r.md"),
+              "--quiet"]
+    assert main(export) == 0
+    assert main([*export, "--force"]) == 0  # its own .onnx and report are replaced
     two = _images(tmp_path / "two", 4, classes=["a", "b"])
     capsys.readouterr()
     with pytest.warns(UserWarning, match="3 output classes but the evaluation folder 2"):
@@ -282,3 +285,18 @@ def test_a_layer_the_core_does_not_understand_is_named(tmp_path, capsys, monkeyp
     assert not (tmp_path / "refused").exists()
     assert main([*argv, "--unknown-layers", "float", "--out", str(tmp_path / "o")]) == 0
     assert "left float" in capsys.readouterr().out
+
+
+def test_bench_resumes_and_rewrites_only_its_own_markdown(tmp_path, capsys):
+    model, images = _model_file(tmp_path), _images(tmp_path / "imgs", 8, classes=["a", "b", "c"])
+    argv = ["bench", "--models", str(model), "--methods", "minmax", "--bits", "w8a8", "--seeds", "0", "--no-stress",
+            "--calib", str(images), "--data", str(images), "--store", str(tmp_path / "s.jsonl"), "--markdown",
+            str(tmp_path / "t.md"), "--quiet"]
+    assert main(argv) == 0
+    assert "2 new runs" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 new runs, 2 in" in capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text().startswith("<!-- written by vitquant")
+    (tmp_path / "t.md").write_text("my edits")
+    assert "not written by vitquant" in _run_error(capsys, argv)
+    assert (tmp_path / "t.md").read_text() == "my edits"

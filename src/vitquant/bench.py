@@ -1,7 +1,9 @@
 """Resumable accuracy sweeps: models × variants × methods × bit widths × seeds.
 
 Each finished run is appended to a JSON-lines store (one line, flushed and fsynced), so an interrupted
-sweep resumes where it stopped and a finished run is never repeated. Tables are rendered from the store.
+sweep resumes where it stopped and a finished run is never repeated. Several processes may sweep into one
+store: each run is claimed before it starts (a lock that dies with its process), so none is done twice,
+and summaries count every run once even in a store merged by hand. Tables are rendered from the store.
 """
 from __future__ import annotations
 

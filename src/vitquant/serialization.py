@@ -151,7 +151,7 @@ def check_output_file(path: str | Path, force: bool, is_ours, what: str) -> Path
 
 def write_output_text(path: str | Path, text: str) -> None:
     """Write a vitquant markdown file atomically, with the marker that lets the next run replace it."""
-    path = Path(path)
+    path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -160,6 +160,9 @@ def write_output_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise VitquantError(f"could not write '{path}': {e.strerror or e}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # -- checksums and strict JSON ------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Every image is preprocessed exactly as the model was trained (timm's `pretrained_cfg`: input size,
 interpolation, crop_pct, mean/std): activation ranges measured on differently normalized inputs are
-wrong ranges, so there is no way to pass a separate transform here.
+wrong ranges, so there is no way to pass a separate transform here. Images in 16-bit (and other) modes
+are brought to 8 bits by scaling, never by clipping; files that cannot be decoded, or whose value range
+is unknown (float images), are skipped and counted. `check_source` / `check_class_count` are the cheap
+checks a command runs before loading any model.
 """
 from __future__ import annotations
 
