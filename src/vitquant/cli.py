@@ -243,6 +243,9 @@ def cmd_eval(args) -> int:
     classes = check_source(args.data, "evaluation")
     float_model, note = None, None
     if _is_quantized_dir(args.model):
+        if args.checkpoint:
+            raise VitquantError("--checkpoint does not apply to a saved quantized directory (it holds its weights); "
+                                "for its float reference use --float-checkpoint PATH")
         model = vitquant.load(args.model)
         float_model, note = _float_reference(args.model, model, args)
         if args.float_checkpoint is None and args.float_reference and float_model is None:

@@ -213,6 +213,8 @@ CASES = {
                                                              nan_model(ws, 1.0)], ("not the checkpoint", "sha256")),
     "e-float-checkpoint-on-model": Case("eval", lambda ws, ro: ["eval", "bundled", "--float-checkpoint", ws / "x"],
                                         ("applies to a saved",)),
+    "e-checkpoint-on-quantized": Case("eval", lambda ws, ro: ["eval", ws / "q", "--checkpoint", ws / "tiny.safetensors"],
+                                      ("does not apply", "--float-checkpoint"), True),
     "e-onnx-truncated": Case("eval", lambda ws, ro: ["eval", truncate(ws / "q.onnx")], ("not a loadable ONNX",)),
     "e-onnx-missing": Case("eval", lambda ws, ro: ["eval", ws / "nope.onnx"], ("does not exist",)),
     "e-onnx-foreign": Case("eval", lambda ws, ro: ["eval", foreign_onnx(ws)], ("not exported by vitquant",)),
@@ -310,7 +312,11 @@ def test_bad_input_is_one_error_line_and_changes_nothing(name, ws, unwritable_di
 
     case = CASES[name]
     monkeypatch.chdir(ws)  # relative leftovers (and the pickle's payload) would land here
+    import huggingface_hub.constants
+
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # the CLI switches the hub offline: restored after each case
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     argv = case.build(ws, unwritable_dir)
     before = snapshot(ws)
     if case.before_model:
