@@ -155,7 +155,8 @@ def test_force_replaces_vitquant_output_and_report_describes_it(tmp_path, capsys
     evald = _images(tmp_path / "val", 6, classes=["a", "b", "c"])
     assert _quantize(tmp_path, model, "--eval", str(evald)) == 0
     report = (tmp_path / "out" / "report.md").read_text()
-    for part in ("minmax W8A8", "## Accuracy", "agreement with float", "## Size", "calibration time", "model.safetensors"):
+    for part in ("minmax W8A8", "## Accuracy", "agreement with float", "## Size", "calibration time",
+                 "model.safetensors"):
         assert part in report
     assert "report: " in capsys.readouterr().out
     assert _quantize(tmp_path, model, "--bits", "w4a4", "--force") == 0  # its own output: replaced

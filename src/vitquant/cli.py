@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-stress", action="store_true", help="skip the outlier-stress variants")
     b.add_argument("--store", default="bench_runs.jsonl",
                    help="JSON-lines results store (resumed if present; several processes may share it)")
-    b.add_argument("--markdown", help="also write the accuracy tables to this file (replaced only if vitquant wrote it)")
+    b.add_argument("--markdown",
+                   help="also write the accuracy tables to this file (replaced only if vitquant wrote it)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -213,7 +212,7 @@ CASES = {
                                                              nan_model(ws, 1.0)], ("not the checkpoint", "sha256")),
     "e-float-checkpoint-on-model": Case("eval", lambda ws, ro: ["eval", "bundled", "--float-checkpoint", ws / "x"],
                                         ("applies to a saved",)),
-    "e-checkpoint-on-quantized": Case("eval", lambda ws, ro: ["eval", ws / "q", "--checkpoint", ws / "tiny.safetensors"],
+    "e-checkpoint-on-quantized": Case("eval", lambda ws, ro: ["eval", ws / "q", "--checkpoint", ws / "tiny.json"],
                                       ("does not apply", "--float-checkpoint"), True),
     "e-onnx-truncated": Case("eval", lambda ws, ro: ["eval", truncate(ws / "q.onnx")], ("not a loadable ONNX",)),
     "e-onnx-missing": Case("eval", lambda ws, ro: ["eval", ws / "nope.onnx"], ("does not exist",)),

@@ -7,7 +7,6 @@ main `vitquant` CLI (`add_subcommands(subparsers)`):
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence

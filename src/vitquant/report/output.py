@@ -20,7 +20,8 @@ def _model_name(source: dict[str, Any] | None) -> str:
 
 
 def _listing(items: list[str], shown: int = 12) -> str:
-    return ", ".join(f"`{i}`" for i in items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(f"`{i}`" for i in items[:shown]) + more
 
 
 def render_output_report(meta: dict[str, Any], sizes: dict[str, int], files: list[str]) -> str:
@@ -44,7 +45,8 @@ def render_output_report(meta: dict[str, Any], sizes: dict[str, int], files: lis
              ["seed", config.get("seed", "–")]]
     if "generation_seconds" in stats:
         calib.append(["image generation time", f"{stats['generation_seconds']:.1f} s"])
-    calib += [["calibration time", f"{stats['calibration_seconds']:.1f} s" if "calibration_seconds" in stats else "–"],
+    seconds = stats.get("calibration_seconds")
+    calib += [["calibration time", "–" if seconds is None else f"{seconds:.1f} s"],
               ["peak memory (process)", f"{stats['calibration_peak_rss_mb']:.0f} MB"
                if "calibration_peak_rss_mb" in stats else "–"]]
     lines += [format_table(["", ""], calib), ""]
