@@ -33,7 +33,8 @@ def structure_from_trace(model: nn.Module, rec, meta: dict, layers: dict, disc, 
     for mc in rec.modules:
         first.setdefault(mc.path, mc.order)
     calls = Counter(mc.path for mc in rec.modules)
-    s = Structure(input_shape=tuple(input_shape), extra_sites=tuple(extras), float_ops=list(disc.float_ops))
+    s = Structure(input_shape=tuple(input_shape), extra_sites=tuple(extras), float_ops=list(disc.float_ops),
+                  float_norm_inputs=list(disc.float_norm_inputs))
     if disc.unknown:
         s.float_ops += [f"{u} — left float (unknown='float')" for u in disc.unknown]
     for path in sorted(layers, key=lambda p: first.get(p, 1 << 30)):

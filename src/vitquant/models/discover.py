@@ -4,8 +4,9 @@ A call becomes a site when it is
 - `F.scaled_dot_product_attention` (an attention core),
 - a matmul of two activations (an eager attention's Q·Kᵀ or probs·V, XCiT's cross-covariance …),
 - `F.linear`/`F.conv2d` with a twin's weight called outside the twin (routed to the twin),
-- with the opt-in extra sites of fully quantized methods: a residual add that feeds a norm, the
-  concatenation of patch tokens with class/register tokens, the position-embedding add.
+- with the opt-in extra sites of fully quantized methods: a residual add that feeds a norm (the stream
+  itself is quantized), the input of any other norm (a post-norm block's branch output, Swin's patch
+  merging), the concatenation of patch tokens with class/register tokens, the position-embedding add.
 Weighted calls the core does not understand (a weight that is no twin's, conv1d/3d, transposed convs,
 a matmul with a parameter, an einsum of two activations) are reported: refused by default, or left
 float and listed when the user asks for that. A matmul or einsum of an activation with a *derived*
@@ -16,7 +17,7 @@ Each site call is keyed by (owner module, kind, index) with the numbering rule o
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vitquant.models import roles
 from vitquant.models.trace import Call, TraceRecord
@@ -40,6 +41,7 @@ class Discovery:
     float_ops: list[str]  # understood, float by the protocol, reported
     twin_outputs: dict[str, str]  # twin → role of an opt-in output site (branch_out, logits, embed)
     pairs: dict[int, int]  # probs·V call index → its Q·Kᵀ call index
+    float_norm_inputs: list[str] = field(default_factory=list)  # extras asked, but a norm's input has no site
 
 
 def _inner(call: Call) -> str:
@@ -79,8 +81,9 @@ def discover(rec: TraceRecord, twin_weights: dict[int, str], extras: set[str]) -
         elif call.name in ("conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
                            "bilinear", "embedding", "baddbmm", "addmm", "addbmm") and acts:
             unknown.append(_describe(call, "layer type without a quantized twin"))
+    float_norm_inputs: list[str] = []
     if roles.RESIDUAL in extras or roles.EMBED in extras:
-        _extra_sites(rec, extras, worthy, image_twins, twin_outputs)
+        float_norm_inputs = _extra_sites(rec, extras, worthy, image_twins, twin_outputs)
     if roles.LOGITS in extras and rec.output is not None:
         for head in rec.output.heads:
             twin_outputs[head] = roles.LOGITS
@@ -90,12 +93,13 @@ def discover(rec: TraceRecord, twin_weights: dict[int, str], extras: set[str]) -
         spec, qk = worthy.get(call.index), call.operands[0].qk if call.operands else None
         if spec is not None and spec.kind == "matmul" and qk is not None and getattr(worthy.get(qk), "kind", "") == "matmul":
             pairs[call.index] = qk
-    return Discovery(handlers, first_call, unknown, float_ops, twin_outputs, pairs)
+    return Discovery(handlers, first_call, unknown, float_ops, twin_outputs, pairs, float_norm_inputs)
 
 
 def _extra_sites(rec: TraceRecord, extras: set[str], worthy: dict[int, HandlerSpec], image_twins: set[str],
-                 twin_outputs: dict[str, str]) -> None:
-    """FQ-ViT's sites outside the matmuls, found by what feeds what."""
+                 twin_outputs: dict[str, str]) -> list[str]:
+    """FQ-ViT's sites outside the matmuls, found by what feeds what. Returns the norms whose input
+    could not be given a site (a norm computed without F.layer_norm/F.group_norm)."""
     feeds_norm = {p.cp_add for provs in rec.norm_in.values() for p in provs if p.cp_add is not None}
     embed_cats = set()
     for call in rec.calls:
@@ -110,11 +114,22 @@ def _extra_sites(rec: TraceRecord, extras: set[str], worthy: dict[int, HandlerSp
             if acts and len(acts) < len(call.operands) and any(p.branch in image_twins for p in acts):
                 worthy[call.index] = HandlerSpec("op", role=roles.EMBED)
                 embed_cats.add(call.index)
-    if roles.EMBED not in extras:
-        return
-    if not embed_cats:  # no class token: the patch tokens themselves
+    if roles.EMBED in extras and not embed_cats:  # no class token: the patch tokens themselves
         for twin in image_twins:
             twin_outputs[twin] = roles.EMBED
+    covered = set()
+    for call in rec.calls:  # every other norm input: the quantized norm input of a fully quantized model
+        if roles.RESIDUAL not in extras or call.kind != "norm" or not call.operands or not call.operands[0].act:
+            continue
+        p = call.operands[0]
+        covered.add(_inner(call))
+        if getattr(worthy.get(p.cp_add), "role", None) == roles.RESIDUAL:
+            continue  # the residual stream itself is quantized
+        if roles.EMBED in extras and not embed_cats and p.branch in image_twins:
+            continue  # the patch tokens' embed site
+        worthy[call.index] = HandlerSpec("op", operand_role=roles.RESIDUAL, index=0)
+    if roles.EMBED not in extras:
+        return sorted(set(rec.norm_in) - covered) if roles.RESIDUAL in extras else []
     for call in rec.calls:
         if call.kind != "add":
             continue
@@ -127,6 +142,7 @@ def _extra_sites(rec: TraceRecord, extras: set[str], worthy: dict[int, HandlerSp
                 worthy[call.index] = HandlerSpec("op", role=out.role if out else None, operand_role=roles.POS_EMBED,
                                                  index=consts[0])
                 break
+    return sorted(set(rec.norm_in) - covered) if roles.RESIDUAL in extras else []
 
 
 def _number(rec: TraceRecord, worthy: dict[int, HandlerSpec], unknown: list[str]):

@@ -40,6 +40,7 @@ INTERCEPT: dict[Callable, str] = {
     F.conv2d: "conv",
     torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
     torch.cat: "cat", torch.concat: "cat",
+    F.layer_norm: "norm", F.group_norm: "norm",
 }
 HANDLERS = "vq_handlers"  # the ModuleDict attribute of an owner
 

@@ -75,6 +75,7 @@ class Structure:
     input_shape: tuple[int, ...] = ()
     patch_tokens: int | None = None  # positions the image layer outputs (tokens beyond these are prefix tokens)
     extra_sites: tuple[str, ...] = ()
+    float_norm_inputs: list[str] = field(default_factory=list)  # norms whose input the extra sites miss
 
     def role(self, site: str) -> str:
         return self.sites[site].role
