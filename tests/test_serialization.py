@@ -103,3 +103,18 @@ def test_a_directory_saved_before_checksums_still_loads_and_is_replaceable(tiny_
         assert torch.equal(vitquant.load(out, model=tiny_vit)(x), q(x))
     vitquant.save(q, out, force=True)
     assert (out / ".vitquant-output").is_file()
+
+
+def test_a_record_cannot_make_load_read_other_files(tiny_vit, calib_images, tmp_path):
+    from vitquant.serialization import meta_digest, sha256_file
+
+    tiny_vit.vitquant_source = {"type": "timm", "name": "vit_tiny_patch16_224", "kwargs": {}}
+    q = vitquant.quantize(tiny_vit, "w8a8", CalibrationSet(calib_images, "r", []), progress=False)
+    out = vitquant.save(q, tmp_path / "q")
+    meta = json.loads((out / "quant_config.json").read_text())
+    meta["source"]["kwargs"] = {"checkpoint_path": str(tmp_path / "elsewhere.pth")}
+    meta["integrity"] = {"model.safetensors_sha256": sha256_file(out / "model.safetensors"),
+                         "meta_sha256": meta_digest(meta)}
+    (out / "quant_config.json").write_text(json.dumps(meta))
+    with pytest.raises(VitquantError, match="arguments vitquant never writes"):
+        vitquant.load(out)

@@ -310,10 +310,12 @@ def _rebuild(path: Path, meta: dict[str, Any], model: nn.Module | None, config: 
     if model is None:
         if not source:
             raise VitquantError(f"'{path}' does not record how to rebuild its float model; pass model=")
-        if source.get("type") == "python" and source.get("kwargs"):
-            # vitquant never records arguments for a user's factory: calling one with recorded
-            # arguments would let a file choose what code runs
-            raise _damaged(path, "its python model source carries arguments vitquant never writes")
+        kwargs = source.get("kwargs") or {}
+        # vitquant never records arguments for a user's factory, nor ones that make a constructor read
+        # files or the network: honouring them would let a record choose what runs or is read
+        if (source.get("type") == "python" and kwargs) or (isinstance(kwargs, dict) and {
+                "checkpoint_path", "pretrained", "pretrained_cfg_overlay", "cache_dir"} & set(kwargs)):
+            raise _damaged(path, "its model source carries arguments vitquant never writes")
     try:
         model = build_from_source(source) if model is None else model
         return prepare(model, source=source, extra_sites=get_method(config.method).requires_sites,
