@@ -15,7 +15,7 @@ from vitquant.methods import get_method
 from vitquant.methods.deployable import make_deployable
 from vitquant.methods.steps import apply_plan, freeze
 from vitquant.models import QuantizedModel, prepare
-from vitquant.models.io import input_size_of
+from vitquant.models.io import input_size_of, refuse_nonfinite
 from vitquant.models.sources import infer_source
 from vitquant.plan import SitePlan
 from vitquant.profiling import measure
@@ -28,6 +28,8 @@ def quantize(
     *,
     progress: bool = True,
     input_size: tuple[int, int, int] | None = None,
+    allow_nonfinite: bool = False,
+    min_images: int = 8,
 ) -> QuantizedModel:
     """Return a quantized copy of `model` (the float model is left untouched).
 
@@ -38,6 +40,8 @@ def quantize(
         sets how) or "gaussian" (pure noise, the baseline).
     input_size: (C, H, W) for a model that does not tell its own (a plain nn.Module); read from a tensor
         of calibration images when not given.
+    allow_nonfinite: quantize even if weights hold NaN/Inf (refused by default: the result is garbage).
+    min_images: the fewest readable calibration images accepted from a folder or tensor.
     """
     if config is None:
         config = QuantConfig()
@@ -47,6 +51,8 @@ def quantize(
         raise VitquantError(f"config must be a QuantConfig or a bits preset like 'w4a4', not {type(config).__name__}")
     if isinstance(model, QuantizedModel):
         raise VitquantError("this model is already quantized; pass the float model")
+    if not allow_nonfinite:
+        refuse_nonfinite(model, f"this {type(model).__name__}")
     method = get_method(config.method)()
     # the architecture is understood (or refused) before any image is decoded or generated
     if input_size is None and input_size_of(model) is None:
@@ -63,7 +69,7 @@ def quantize(
                                                         structure=qmodel.structure)
     elif not isinstance(calib, CalibrationSet):
         calib = load_calibration(calib, data_config_for(model, qmodel.structure.input_shape),
-                                 n=config.calib_size, seed=config.seed)
+                                 n=config.calib_size, seed=config.seed, min_images=min_images)
     torch.manual_seed(config.seed)
     with measure() as m:
         method.calibrate(Context(qmodel, calib, config, plan, progress))

@@ -86,19 +86,9 @@ def fail_fast_offline(name: str, checkpoint: str | None = None) -> None:
 
 
 def refuse_nonfinite(model, what: str) -> None:
-    """NaN/Inf weights quantize "successfully" into garbage (0% agreement): refuse them, naming where."""
-    import torch
+    from vitquant.models.io import refuse_nonfinite as refuse
 
-    bad = {}
-    for name, t in model.state_dict().items():
-        if t.is_floating_point():
-            n = int((~torch.isfinite(t)).sum())
-            if n:
-                bad[name] = n
-    if bad:
-        shown = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:4]) + (" …" if len(bad) > 4 else "")
-        raise VitquantError(f"{what} has {sum(bad.values())} non-finite (NaN/Inf) weight values in {len(bad)} "
-                            f"tensor(s): {shown}; fix the checkpoint, or pass --allow-nonfinite to go on anyway")
+    refuse(model, what, "--allow-nonfinite")
 
 
 def _min_calib(args) -> None:
@@ -144,7 +134,7 @@ def cmd_quantize(args) -> int:
 
             calib = load_calibration(calib, data_config_for(model, found.get("input_shape")), n=config.calib_size,
                                      seed=config.seed, min_images=args.min_calib)
-        qmodel = vitquant.quantize(model, config, calib, progress=not args.quiet)
+        qmodel = vitquant.quantize(model, config, calib, progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
         if files:
             qmodel.stats["calibration_grid"] = "calibration_images.png"  # inside the output directory
         extra = _evaluate_for_report(args, qmodel, model)

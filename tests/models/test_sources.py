@@ -102,3 +102,19 @@ def test_plain_module_takes_its_input_size_from_the_images():
     q = vitquant.quantize(model, QuantConfig.preset("w8a8", method="minmax", calib_size=8),
                           torch.randn(8, 3, 32, 32), progress=False)
     assert q.structure.input_shape == (3, 32, 32)
+
+
+def test_api_refuses_nonfinite_weights_and_bad_sources(tiny_vit, calib_images, tmp_path):
+    with torch.no_grad():
+        tiny_vit.blocks[0].attn.qkv.weight[0, 0] = float("inf")
+    with pytest.raises(VitquantError, match="non-finite .* allow_nonfinite=True"):
+        vitquant.quantize(tiny_vit, "w8a8", calib_images, progress=False)
+    with pytest.raises(VitquantError, match="not a Hugging Face model directory"):
+        vitquant.load_model(str(tmp_path))
+    tv = pytest.importorskip("torchvision")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tv.models.resnet18(num_classes=4).state_dict().items()},
+              str(tmp_path / "r.safetensors"))
+    with pytest.raises(VitquantError, match="does not fit"):  # a checkpoint of another architecture
+        vitquant.load_model("torchvision:swin_t", checkpoint=tmp_path / "r.safetensors")

@@ -66,3 +66,25 @@ def logits_of(out: Any) -> torch.Tensor:
     if hasattr(out, "to_tuple"):
         return logits_of(out.to_tuple())
     raise TypeError(f"the model returned {type(out).__name__}, which holds no tensor")
+
+
+def nonfinite_weights(model: nn.Module) -> dict[str, int]:
+    """Name → count of NaN/Inf values, for every floating-point tensor of the model's state."""
+    bad = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[name] = n
+    return bad
+
+
+def refuse_nonfinite(model: nn.Module, what: str, opt_out: str = "allow_nonfinite=True") -> None:
+    """NaN/Inf weights quantize "successfully" into garbage (0% agreement): refuse them, naming where."""
+    from vitquant.errors import VitquantError
+
+    bad = nonfinite_weights(model)
+    if bad:
+        shown = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:4]) + (" …" if len(bad) > 4 else "")
+        raise VitquantError(f"{what} has {sum(bad.values())} non-finite (NaN/Inf) weight values in {len(bad)} "
+                            f"tensor(s): {shown}; fix the checkpoint, or pass {opt_out} to go on anyway")

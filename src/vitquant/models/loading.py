@@ -136,11 +136,14 @@ def load_model(name: str, checkpoint: str | Path | None = None,
         return load_hf(name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name, check)
     if name.startswith(TV_PREFIX):
         return load_torchvision(name[len(TV_PREFIX):], None if checkpoint is None else Path(checkpoint),
-                                read_state_dict, check)
+                                read_state_dict, _load_weights, check)
     if name.startswith(PY_PREFIX):
         _no_checkpoint(checkpoint, "a python factory (it builds and loads its own weights)")
         return load_python(name[len(PY_PREFIX):], check)
     path = Path(name)
+    if path.is_dir():
+        raise VitquantError(f"'{path}' is a directory but not a Hugging Face model directory (no config.json); "
+                            "pass a model file, a Hugging Face directory, or a timm name")
     if path.suffix == ".safetensors" or path.exists():
         if not path.is_file():
             raise VitquantError(f"model file '{path}' does not exist")

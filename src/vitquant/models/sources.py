@@ -183,8 +183,9 @@ def torchvision_preprocessing(name: str) -> dict[str, Any]:
         return {"input_size": (3, 224, 224), **IMAGENET, "crop_pct": 0.875, "interpolation": "bilinear"}
 
 
-def load_torchvision(name: str, checkpoint: Path | None, read_state: Callable,
+def load_torchvision(name: str, checkpoint: Path | None, read_state: Callable, load_weights: Callable,
                      check: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """read_state(path) → state dict; load_weights(model, sd, path) checks names and shapes, then loads."""
     tv = _torchvision()
     if name not in tv.models.list_models():
         raise VitquantError(f"torchvision has no model {name!r} (see torchvision.models.list_models())")
@@ -198,10 +199,7 @@ def load_torchvision(name: str, checkpoint: Path | None, read_state: Callable,
     if check is not None:
         check(model)
     if sd is not None:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise VitquantError(f"checkpoint '{checkpoint}' does not fit torchvision {name}: missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]}")
+        load_weights(model, sd, checkpoint)
         source["weights"] = str(checkpoint)
     else:
         try:
