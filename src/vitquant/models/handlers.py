@@ -152,7 +152,11 @@ class ForeignCall(nn.Module):
             x = args[0]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return self.twin(x, bias=bias)
-        return self.twin(args[0])  # conv2d: the tracer only routes calls with the twin's own settings
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = {**dict(zip(names, args)), **kwargs}
+        call = (bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1),
+                bound.get("groups", 1))
+        return self.twin(bound["input"], call=call)  # the caller's own settings (Conv2dSame pads first)
 
     def extra_repr(self) -> str:
         return f"→ {self.twin.name}"

@@ -41,8 +41,13 @@ def _fold_random(model: nn.Module, mappings: list[ScaleMapping], gen: torch.Gene
 @torch.no_grad()
 def _outputs(model: nn.Module, layers: set[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     outs: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.setdefault(n, o.detach()))
-             for n in layers]
+
+    def keep(name: str):
+        def hook(_m, _a, out) -> None:  # returns None: a forward hook's return value replaces the output
+            outs.setdefault(name, out.detach())
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in layers]
     try:
         model(x)
     finally:

@@ -29,6 +29,7 @@ from vitquant.models.roles import EXTRA_SITES
 from vitquant.models.trace import Tracer
 
 UNKNOWN_CHOICES = ("refuse", "float")
+SIDECAR = "vq_twin"  # the child name of a twin kept beside a module that has a forward of its own
 
 
 def install_twins(model: nn.Module) -> dict[str, nn.Module]:
@@ -37,15 +38,18 @@ def install_twins(model: nn.Module) -> dict[str, nn.Module]:
     for path, module in list(model.named_modules()):
         if path == "" or any(path.startswith(p + ".") for p in replaced):
             continue
-        cls = twin_class(module)
+        cls, replaces = twin_class(module)
         if cls is None:
             continue
         try:
-            twin = cls.from_float(module, path)
+            twin = cls.from_float(module, path if replaces else f"{path}.{SIDECAR}")
         except (ValueError, VitquantError) as e:
             raise VitquantError(f"cannot quantize {path} ({type(module).__name__}): {e}") from None
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, twin)
+        if replaces:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, twin)
+        else:  # the module keeps its own forward; its weight's calls are routed to the sidecar twin
+            module.add_module(SIDECAR, twin)
         replaced.append(path)
     layers = {}
     for path, module in model.named_modules():

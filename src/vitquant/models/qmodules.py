@@ -32,13 +32,15 @@ def register_twin(float_type: type[nn.Module]):
     return deco
 
 
-def twin_class(module: nn.Module) -> type[nn.Module] | None:
-    """The twin for `module`: its exact type, or a registered base class whose forward it does not
-    override (a subclass with its own forward computes something else and is not taken)."""
+def twin_class(module: nn.Module) -> tuple[type[nn.Module] | None, bool]:
+    """(twin class, replaces): the twin of `module`'s exact type or of a registered base class whose
+    forward it keeps replaces the module; a subclass with a forward of its own (timm's Conv2dSame pads
+    first) keeps its forward and gets the twin as a sidecar sharing its weight — its F.conv2d/F.linear
+    call on that weight is routed to the twin (dispatch.py), any other use of the weight is refused."""
     for base in type(module).__mro__:
         if base in TWINS:
-            return TWINS[base] if type(module).forward is base.forward else None
-    return None
+            return TWINS[base], type(module).forward is base.forward
+    return None, False
 
 
 class ActSite(nn.Module):
@@ -178,8 +180,12 @@ class QuantConv2d(_WeightQuantMixin, nn.Module):
     def from_float(cls, module: nn.Conv2d, name: str) -> "QuantConv2d":
         return cls(module, name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(self.input_site(x), self.qweight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def forward(self, x: torch.Tensor, call: tuple | None = None) -> torch.Tensor:
+        """call: (bias, stride, padding, dilation, groups) of an `F.conv2d(x, self.weight, …)` made outside
+        the twin (routed here by the dispatcher), used as given."""
+        bias, stride, padding, dilation, groups = call or (self.bias, self.stride, self.padding, self.dilation,
+                                                           self.groups)
+        y = F.conv2d(self.input_site(x), self.qweight(), bias, stride, padding, dilation, groups)
         return y if self.output_site is None else self.output_site(y)
 
     def extra_repr(self) -> str:
