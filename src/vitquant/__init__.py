@@ -17,8 +17,8 @@ from vitquant.errors import VitquantError
 __version__ = "0.1.0"
 _LAZY = {"quantize": "vitquant.api", "QuantConfig": "vitquant.config", "EvalResult": "vitquant.evaluate",
          "evaluate": "vitquant.evaluate", "QuantizedModel": "vitquant.models", "load_model": "vitquant.models.loading",
-         "load": "vitquant.serialization", "save": "vitquant.serialization"}
-__all__ = ["EvalResult", "QuantConfig", "QuantizedModel", "VitquantError", "evaluate", "export", "load",
+         "load": "vitquant.serialization", "save": "vitquant.serialization", "analyze": "vitquant.analysis.analyzer"}
+__all__ = ["EvalResult", "QuantConfig", "QuantizedModel", "VitquantError", "analyze", "evaluate", "export", "load",
            "load_model", "quantize", "save"]
 
 

@@ -110,6 +110,9 @@ def cmd_quantize(args) -> int:
     if args.data_free_steps is not None and args.calib != "data-free":
         raise VitquantError("--data-free-steps only applies to --calib data-free")
     _min_calib(args)
+    from vitquant.mixed.cli import request, summary_lines
+
+    mixed = request(args)  # --avg-bits / --size-mb / --max-drop, checked (None when not asked)
     out = check_output_dir(args.out, args.force)
     if args.calib not in GENERATED:
         check_source(args.calib, "calibration", min_images=args.min_calib)
@@ -134,12 +137,19 @@ def cmd_quantize(args) -> int:
 
             calib = load_calibration(calib, data_config_for(model, found.get("input_shape")), n=config.calib_size,
                                      seed=config.seed, min_images=args.min_calib)
-        qmodel = vitquant.quantize(model, config, calib, progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
+        qmodel, mixed_extra = None, {}
+        if mixed is not None:  # the per-site plan, and with --max-drop the model it ends with
+            config, mixed_extra, qmodel = mixed.run(model, config, calib, progress=not args.quiet)
+        if qmodel is None:
+            qmodel = vitquant.quantize(model, config, calib, progress=not args.quiet,
+                                       allow_nonfinite=args.allow_nonfinite)
         if files:
             qmodel.stats["calibration_grid"] = "calibration_images.png"  # inside the output directory
-        extra = _evaluate_for_report(args, qmodel, model)
+        extra = {**_evaluate_for_report(args, qmodel, model), **mixed_extra}
         vitquant.save(qmodel, out, force=args.force, extra=extra, extra_files=files)
     _print_quantized(args, config, qmodel.stats, out, extra)
+    for line in summary_lines(mixed_extra):
+        print(line)
     return 0
 
 
@@ -357,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output directory, only if vitquant wrote it (and it holds nothing else)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
+    from vitquant.mixed.cli import add_arguments as add_mixed_arguments  # argparse only, no torch
+
+    add_mixed_arguments(q)
 
     e = sub.add_parser("eval", help="evaluate a float model or a saved quantized model")
     e.add_argument("model", help="a saved quantized directory, 'bundled', a model file, an .onnx file, or a timm name")
@@ -378,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
     add_cpu_parser(sub)
+    from vitquant.analysis.cli import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
 
     ls = sub.add_parser("list", help="methods (with their cost), presets and bundled models")
     ls.set_defaults(func=cmd_list)

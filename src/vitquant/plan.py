@@ -7,10 +7,14 @@ From a `QuantConfig` and a model's `Structure`, before calibration:
 3. `keep_float` globs: those stay float (bits None).
 Every glob must match something (a typo is an error, not a silent no-op). Methods read the plan
 (`act(site)`, `weight(layer)`); a site with None is left float and listed in the saved config.
+
+A per-point plan (mixed precision, vitquant.mixed) is written as exact names (`exact_glob`) in the same
+two fields, so a saved config replays it with no new format: `with_point_bits`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
@@ -68,3 +72,34 @@ class SitePlan:
         for glob in config.keep_float:
             apply(glob, None, "keep_float pattern")
         return cls(acts, weights, config.deployable)
+
+
+def exact_glob(name: str) -> str:
+    """A glob that matches exactly `name` (fnmatch has no escape: each metacharacter goes in brackets)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def pinned_points(config: "QuantConfig", structure: "Structure") -> set[str]:
+    """Points a user's own `site_bits`/`keep_float` globs decide ('<layer>.weight' for weights), and the
+    image site (its bits are `patch_embed_input_bits`): an allocator leaves these as they are."""
+    globs = [*config.site_bits, *config.keep_float]
+    out = {n for n, s in structure.sites.items() if s.role == "image" or any(_matches(g, n, s.role) for g in globs)}
+    for layer in structure.layers:
+        if any(not g.startswith("role:") and (fnmatchcase(f"{layer}.weight", g) or fnmatchcase(layer, g))
+               for g in globs):
+            out.add(f"{layer}.weight")
+    return out
+
+
+def with_point_bits(config: "QuantConfig", bits: dict[str, int | None]) -> "QuantConfig":
+    """`config` with these points (site names, '<layer>.weight') at these bits (None: float), appended
+    after the config's own globs as exact names; points already at the config's default are not listed."""
+    site_bits = dict(config.site_bits)
+    keep_float = list(config.keep_float)
+    for point, b in bits.items():
+        default = config.w_bits if point.endswith(".weight") else config.a_bits
+        if b is None:
+            keep_float.append(exact_glob(point))
+        elif b != default:
+            site_bits[exact_glob(point)] = b
+    return replace(config, site_bits=site_bits, keep_float=keep_float)
