@@ -59,8 +59,8 @@ def test_bypassed_model_is_the_float_model(name):
     model, q, x = _built(name)
     with torch.no_grad(), q.bypassed():
         ref, out = logits_of(model(x)), logits_of(q(x))
-    if any(type(m).__name__ == "QuantMultiheadAttention" for m in q.modules()):
-        # nn.MultiheadAttention's own kernel orders its sums differently from the twin's explicit ops
+    if q.structure.rewrites or any(type(m).__name__ == "QuantMultiheadAttention" for m in q.modules()):
+        # folded BatchNorms round differently; nn.MultiheadAttention's own kernel orders its sums differently
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
     else:
         assert torch.equal(out, ref)

@@ -37,3 +37,35 @@ def fold_channel_affine(norm: nn.Module, layers: list[nn.Module], r: torch.Tenso
             layer.bias = nn.Parameter(shift)
         else:
             layer.bias.add_(shift)
+
+
+@torch.no_grad()
+def fold_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold an eval-mode BatchNorm into the Linear/Conv whose output it normalizes, per output channel:
+    W' = W·s, b' = (b − μ)·s + β with s = γ/√(σ² + ε) — the same function in float."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise VitquantError(f"cannot fold a {type(bn).__name__} that keeps no running statistics")
+    s = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight.double()
+    shift = -bn.running_mean.double() * s + (bn.bias.double() if bn.bias is not None else 0.0)
+    w = layer.weight
+    w.copy_((w.double() * s.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    bias = (layer.bias.double() * s + shift) if layer.bias is not None else shift
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(w.dtype))
+    else:
+        layer.bias.copy_(bias.to(w.dtype))
+
+
+def reparameterize_blocks(model: nn.Module) -> list[str]:
+    """Structural reparameterization of multi-branch training blocks (MobileOne, RepMixer, FastViT's
+    large-kernel convs: `reparameterize()`) into the single conv they compute, before quantization — what
+    deploys is the fused form, so that is what is quantized. Returns the blocks fused."""
+    done = []
+    for name, module in list(model.named_modules()):
+        fn = getattr(module, "reparameterize", None)
+        if callable(fn) and not getattr(module, "inference_mode", False):
+            fn()
+            done.append(name or type(module).__name__)
+    return done

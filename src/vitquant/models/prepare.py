@@ -1,6 +1,8 @@
 """`prepare(model)`: any float model → a `QuantizedModel` with every site found, all uncalibrated.
 
-1. Copy the model; replace every module that has a registered twin (Linear, Conv2d, MultiheadAttention).
+1. Copy the model; fuse structural-reparameterization blocks (MobileOne, RepMixer); replace every module
+   that has a registered twin (Linear, Conv2d, MultiheadAttention); fold BatchNorms that only read a
+   layer's output into it (rewrites.py; each verified, the model is traced again if any was folded).
 2. Trace one forward (trace.py); `discover` which calls become sites and what is not understood.
 3. Install the handlers on their owner modules (dispatch.py) with their sites, named after the owner.
 4. Trace again through the installed handlers: roles, cores, units, heads and scale-mapping
@@ -25,6 +27,8 @@ from vitquant.models.io import input_size_of, logits_of
 from vitquant.models.mappings import bypass_all, verify_mappings
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear, twin_class
 from vitquant.models.quantized import QuantizedModel
+from vitquant.models.fold import reparameterize_blocks
+from vitquant.models.rewrites import fold_batchnorms
 from vitquant.models.roles import EXTRA_SITES
 from vitquant.models.trace import Tracer
 
@@ -164,7 +168,7 @@ class _ForceExplicit:
 
 
 def prepare(model: nn.Module, source: dict | None = None, extra_sites: tuple[str, ...] = (),
-            unknown: str = "refuse", input_size: tuple[int, ...] | None = None) -> QuantizedModel:
+            unknown: str = "refuse", input_size: tuple[int, ...] | None = None, fold_bn: bool = True) -> QuantizedModel:
     """Copy `model` and make it quantizable: twins, sites, structure (all uncalibrated).
 
     extra_sites: opt-in site groups of fully quantized methods (roles.EXTRA_SITES).
@@ -180,11 +184,16 @@ def prepare(model: nn.Module, source: dict | None = None, extra_sites: tuple[str
         raise VitquantError(f"expected a torch nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
     example = _example(model, input_size)
+    rewrites = [f"{b}: reparameterized" for b in reparameterize_blocks(model)]
     layers = install_twins(model)
     if not layers:
         raise VitquantError(f"{type(model).__name__} has no Linear or Conv2d layer to quantize")
     bypass_all(model)  # traces run the float function
     rec1 = run_trace(model, example, set(layers))
+    folded = fold_batchnorms(model, rec1, layers, example) if fold_bn else []
+    if folded:
+        rewrites += [f"{f}: BatchNorm folded" for f in folded]
+        rec1 = run_trace(model, example, set(layers))
     disc = discover(rec1, {id(t.weight): p for p, t in layers.items()}, set(extra_sites))
     if disc.unknown and unknown == "refuse":
         shown = "; ".join(disc.unknown[:4]) + (f"; and {len(disc.unknown) - 4} more" if len(disc.unknown) > 4 else "")
@@ -208,6 +217,7 @@ def prepare(model: nn.Module, source: dict | None = None, extra_sites: tuple[str
         for t in taps:
             t.tap = None
     structure = structure_from_trace(model, rec2, meta, layers, disc, tuple(example.shape[1:]), tuple(extra_sites))
+    structure.rewrites = rewrites
     verify_mappings(model, structure, example)
     for unit in structure.units:
         make_owner(model.get_submodule(unit.name) if unit.name else model, None)

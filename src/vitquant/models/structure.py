@@ -76,6 +76,7 @@ class Structure:
     patch_tokens: int | None = None  # positions the image layer outputs (tokens beyond these are prefix tokens)
     extra_sites: tuple[str, ...] = ()
     float_norm_inputs: list[str] = field(default_factory=list)  # norms whose input the extra sites miss
+    rewrites: list[str] = field(default_factory=list)  # float rewrites applied first (BatchNorm folds, reparam)
 
     def role(self, site: str) -> str:
         return self.sites[site].role
@@ -100,7 +101,8 @@ class Structure:
         for s in self.sites.values():
             counts[s.role] = counts.get(s.role, 0) + 1
         return {"layers": len(self.layers), "cores": len(self.cores), "units": len(self.units),
-                "mappings": len(self.mappings), "site_roles": counts, "float_ops": list(self.float_ops)}
+                "mappings": len(self.mappings), "site_roles": counts, "float_ops": list(self.float_ops),
+                "rewrites": list(self.rewrites)}
 
 
 def input_role(producer: str, layer: str, heads: tuple[str, ...]) -> str:

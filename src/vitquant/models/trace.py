@@ -105,6 +105,7 @@ class TraceRecord:
     layer_calls: dict[str, int] = field(default_factory=dict)
     norm_in: dict[str, list[Prov]] = field(default_factory=dict)  # norm path → input provenance per call
     norm_uses: dict[str, list[str]] = field(default_factory=dict)  # norm → "consumer twin" or "!op" per use
+    layer_uses: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # twin → (op, module) per use
     output: Prov | None = None
     output_ids: list[int] = field(default_factory=list)
     input_id: int = 0
@@ -317,8 +318,12 @@ class Tracer(TorchFunctionMode):
         return Prov(True, "other", inner, heads=heads, qk=qk)
 
     def _uses(self, name: str, ins: list, provs: list[Prov]) -> None:
-        """Record every use of a norm's output: a twin consuming it as its input, or anything else."""
+        """Record every use of a norm's output (a twin consuming it as its input, or anything else) and
+        of a weight layer's output (for folding a BatchNorm that is its only reader)."""
         inner = self._innermost()
+        for p in provs:
+            if p.kind in ("linear", "conv") and p.src in self.twin_paths and name not in CHANNEL_PRESERVING:
+                self.rec.layer_uses.setdefault(p.src, []).append((name, inner or ""))
         for i, p in enumerate(provs):
             if p.cp_norm is None or name in CHANNEL_PRESERVING:
                 continue
