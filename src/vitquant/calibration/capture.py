@@ -11,10 +11,17 @@ model, unlike the KL(p_FP ‖ p) of the official code, which vanishes there (PTQ
 Every tensor comes from the *float* model (parallel calibration). Layers are hooked as modules; cores
 through the taps of their dispatch handlers (models/handlers.py), so the same code serves fused SDPA,
 eager matmuls and any family. Groups are captured one at a time: memory holds one unit's tensors.
+
+Bounded captures (`Subsample`), for searches whose cost grows with the rows they evaluate: a Linear
+keeps at most `rows[layer]` of its input rows (tokens), a seeded uniform sample over all calibration
+images, with the same rows of its output gradient; a core keeps the operands of at most `core_images`
+images (a seeded subset). The exact per-channel (per-head) minimum and maximum of the full tensors
+are recorded either way (`lo`/`hi`), so candidate grids built from the extremes do not change.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +36,10 @@ from vitquant.models.structure import Core
 
 @dataclass
 class LayerCapture:
-    x: torch.Tensor  # the layer's float input, [B, ...] over all calibration batches
-    grad: torch.Tensor | None  # ∂L/∂(layer output), same shape as the output
+    x: torch.Tensor  # the layer's float input, [B, ...] over all calibration batches ([rows, in] if subsampled)
+    grad: torch.Tensor | None  # ∂L/∂(layer output), same shape as the output ([rows, out] if subsampled)
+    lo: torch.Tensor | None = None  # exact per-input-channel min over every row (only when subsampled)
+    hi: torch.Tensor | None = None  # exact per-input-channel max over every row (only when subsampled)
 
 
 @dataclass
@@ -41,6 +50,42 @@ class CoreCapture:
     probs: torch.Tensor  # first operand of probs·V
     grad_scores: torch.Tensor | None  # ∂L/∂(q @ kt)
     grad_context: torch.Tensor | None  # ∂L/∂(probs @ v)
+    # exact min/max of each operand over every image, per head ([H]; [1] for 3-D operands), only when
+    # the operands are those of a subset of the images: {"q": (lo, hi), "kt": …, "v": …, "probs": …}
+    extremes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class Subsample:
+    """What a bounded capture keeps: `rows[layer]` rows of each Linear's input (a layer not named keeps
+    all), the operands of `core_images` images per core (None: all). `seed` fixes the samples."""
+
+    rows: dict[str, int] | None = None
+    core_images: int | None = None
+    seed: int = 0
+
+
+class _RowSample:
+    """The seeded row indices of one layer, handed out batch by batch (rows in forward order)."""
+
+    def __init__(self, keep: int, n_images: int, seed: int) -> None:
+        self.keep, self.n_images, self.seed = keep, n_images, seed
+        self.index: torch.Tensor | None = None
+        self.offset = 0
+        self.lo = self.hi = None
+
+    def take(self, rows: torch.Tensor, batch_images: int) -> torch.Tensor:
+        """The sampled rows of this batch's [rows, C] (and their positions, kept for the gradient)."""
+        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        if self.index is None:
+            total = rows.shape[0] // max(1, batch_images) * self.n_images
+            gen = torch.Generator().manual_seed(self.seed)
+            self.index = torch.randperm(total, generator=gen)[: self.keep].sort().values.to(rows.device)
+        start, self.offset = self.offset, self.offset + rows.shape[0]
+        local = self.index[(self.index >= start) & (self.index < self.offset)] - start
+        return local
 
 
 def pseudo_label_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -48,6 +93,17 @@ def pseudo_label_loss(logits: torch.Tensor) -> torch.Tensor:
     float32 resolution, and a gradient rounded to zero would make every scale candidate tie."""
     z = logits.double()
     return F.cross_entropy(z, z.argmax(dim=-1), reduction="sum")
+
+
+def _select_images(t: torch.Tensor, images: torch.Tensor | None, batch_images: int) -> torch.Tensor:
+    """The rows of `t` that belong to `images` (positions in the batch); [B·H, N, d] operands hold
+    image i in rows i·H … (i+1)·H − 1."""
+    if images is None:
+        return t
+    if t.shape[0] == batch_images:
+        return t[images]
+    per = t.shape[0] // batch_images
+    return t[(images[:, None] * per + torch.arange(per, device=t.device)).reshape(-1)]
 
 
 class CoreTap:
@@ -58,13 +114,28 @@ class CoreTap:
     def __init__(self, grad: bool) -> None:
         self.grad = grad
         self.store: dict[str, list[torch.Tensor]] = {k: [] for k in ("q", "kt", "v", "probs", "gs", "gc")}
+        self.images: torch.Tensor | None = None  # this batch's kept images (None: all), set per batch
+        self.batch_images = 0
+        self.extremes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _keep(self, key: str, t: torch.Tensor) -> None:
-        self.store[key].append(t.detach())
+        t = t.detach()
+        if self.images is not None:  # the exact extremes of the whole tensor, per head
+            dims = (0, *range(2, t.dim())) if t.dim() == 4 else tuple(range(t.dim()))
+            lo, hi = t.amin(dim=dims).reshape(-1), t.amax(dim=dims).reshape(-1)
+            if key in self.extremes:
+                lo, hi = torch.minimum(self.extremes[key][0], lo), torch.maximum(self.extremes[key][1], hi)
+            self.extremes[key] = (lo, hi)
+        self.store[key].append(_select_images(t, self.images, self.batch_images))
 
     def _grad(self, key: str, t: torch.Tensor) -> None:
         if self.grad and t.requires_grad:
-            t.register_hook(lambda g: self.store[key].append(g.detach()))
+            images, batch_images = self.images, self.batch_images  # this batch's
+
+            def keep(g: torch.Tensor) -> None:
+                self.store[key].append(_select_images(g.detach(), images, batch_images))
+
+            t.register_hook(keep)
 
     def record(self, kind: str, **t: torch.Tensor) -> None:
         with quiet():
@@ -88,7 +159,7 @@ class CoreTap:
         s = self.store if shared is None else {k: self.store[k] or shared.store[k] for k in self.store}
         cat = lambda k: torch.cat(s[k]) if s[k] else None  # noqa: E731
         # backward runs the batches' gradients in the order of the forwards, one batch at a time
-        return CoreCapture(cat("q"), cat("kt"), cat("v"), cat("probs"), cat("gs"), cat("gc"))
+        return CoreCapture(cat("q"), cat("kt"), cat("v"), cat("probs"), cat("gs"), cat("gc"), self.extremes or None)
 
 
 def _attach(qmodel: QuantizedModel, core: Core, grad: bool) -> list[tuple[object, CoreTap]]:
@@ -109,32 +180,66 @@ def _attach(qmodel: QuantizedModel, core: Core, grad: bool) -> list[tuple[object
 
 def capture(
     qmodel: QuantizedModel, layers: list[QuantLinear | QuantConv2d], cores: list[Core],
-    batches: list[torch.Tensor], with_grad: bool,
+    batches: list[torch.Tensor], with_grad: bool, subsample: Subsample | None = None,
+    run: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[dict[str, LayerCapture], dict[str, CoreCapture]]:
     """Float inputs (and output gradients) of `layers`, and the operands (and product gradients) of
-    `cores`, over all `batches`."""
+    `cores`, over all `batches` (or the bounded samples `subsample` asks for). run(i, batch): what
+    computes batch i (default: the model, and with_grad the backward of `pseudo_label_loss`), e.g. one
+    unit on its recorded inputs, backpropagating a recorded gradient."""
     inputs: dict[str, list] = {l.name: [] for l in layers}
     grads: dict[str, list] = {l.name: [] for l in layers}
     hooks, taps = [], {}
+    n_images = sum(len(x) for x in batches)
+    batch_images = [0]  # images in the batch being run
+    samples: dict[str, _RowSample] = {}
+    if subsample is not None and subsample.rows:
+        for i, layer in enumerate(layers):
+            keep = subsample.rows.get(layer.name)
+            if keep is not None and isinstance(layer, QuantLinear):
+                samples[layer.name] = _RowSample(keep, n_images, subsample.seed * 1_000_003 + i)
 
     def layer_hook(module, args, out):
         with quiet():
-            inputs[module.name].append(args[0].detach())
+            x = args[0].detach()
+            sample = samples.get(module.name)
+            if sample is None or x.reshape(-1, x.shape[-1]).shape[0] // max(1, batch_images[0]) * n_images <= sample.keep:
+                inputs[module.name].append(x)
+                if with_grad and out.requires_grad:
+                    out.register_hook(lambda g: grads[module.name].append(g.detach()))
+                return
+            rows = x.reshape(-1, x.shape[-1])
+            local = sample.take(rows, batch_images[0])
+            inputs[module.name].append(rows[local])
             if with_grad and out.requires_grad:
-                out.register_hook(lambda g: grads[module.name].append(g.detach()))
+                out.register_hook(lambda g: grads[module.name].append(g.detach().reshape(-1, g.shape[-1])[local]))
 
     for layer in layers:
         hooks.append(layer.register_forward_hook(layer_hook))
     for core in cores:
         taps[core.name] = _attach(qmodel, core, with_grad)
+    core_images = None
+    if subsample is not None and subsample.core_images is not None and subsample.core_images < n_images:
+        gen = torch.Generator().manual_seed(subsample.seed * 1_000_003 + 999_983)
+        core_images = torch.randperm(n_images, generator=gen)[: subsample.core_images].sort().values
     params = list(qmodel.parameters())
     trainable = [p.requires_grad for p in params]
     try:
         for p in params:  # gradients w.r.t. activations only: no weight gradients are computed
             p.requires_grad_(False)
         with qmodel.bypassed():
-            for x in batches:
-                if with_grad:
+            start = 0
+            for i, x in enumerate(batches):
+                batch_images[0] = len(x)
+                if core_images is not None:
+                    here = core_images[(core_images >= start) & (core_images < start + len(x))] - start
+                    for pairs in taps.values():
+                        for _, tap in pairs:
+                            tap.images, tap.batch_images = here.to(x.device), len(x)
+                start += len(x)
+                if run is not None:
+                    run(i, x)
+                elif with_grad:
                     with torch.enable_grad():
                         pseudo_label_loss(logits_of(qmodel(x.clone().requires_grad_(True)))).backward()
                 else:
@@ -148,8 +253,12 @@ def capture(
                 handler.tap = None
         for p, t in zip(params, trainable):
             p.requires_grad_(t)
-    layer_caps = {name: LayerCapture(torch.cat(inputs[name]), torch.cat(grads[name]) if grads[name] else None)
-                  for name in inputs}
+    layer_caps = {}
+    for name in inputs:
+        sample = samples.get(name)
+        sampled = sample is not None and sample.index is not None
+        layer_caps[name] = LayerCapture(torch.cat(inputs[name]), torch.cat(grads[name]) if grads[name] else None,
+                                        sample.lo if sampled else None, sample.hi if sampled else None)
     core_caps = {}
     for name, pairs in taps.items():
         if len(pairs) == 1:
@@ -159,5 +268,6 @@ def capture(
             for _, tap in pairs:
                 for k, v in tap.store.items():
                     merged.store[k] += v
+                merged.extremes.update(tap.extremes)
             core_caps[name] = merged.result()
     return layer_caps, core_caps

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -40,12 +40,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def observing(sites: Iterable[ActSite], seed: int = 0) -> Iterator[dict[str, ReservoirObserver]]:
-    """Attach a fresh observer to each site for the duration of the block."""
+def observing(sites: Iterable[ActSite], seed: int = 0,
+              sample: Callable[[ActSite], bool] | None = None) -> Iterator[dict[str, ReservoirObserver]]:
+    """Attach a fresh observer to each site for the duration of the block. sample(site) False: the
+    site's observer keeps only the extremes (and one row), for min-max ranges."""
     sites = list(sites)
     observers = {}
     for i, site in enumerate(sites):
-        site.observer = observers[site.name] = ReservoirObserver(site.channel_axis, seed=seed + i)
+        kw = {} if sample is None or sample(site) else {"max_elements": 1}
+        site.observer = observers[site.name] = ReservoirObserver(site.channel_axis, seed=seed + i, **kw)
     try:
         yield observers
     finally:
@@ -63,10 +66,11 @@ def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progre
 def observe_float(
     qmodel: "QuantizedModel", batches: list[torch.Tensor], sites: Iterable[ActSite] | None = None,
     seed: int = 0, progress: bool = True, desc: str = "calibrating",
+    sample: Callable[[ActSite], bool] | None = None,
 ) -> dict[str, ReservoirObserver]:
-    """Statistics of each enabled site's input as the *float* model computes it."""
+    """Statistics of each enabled site's input as the *float* model computes it (see `observing`)."""
     sites = [s for s in (qmodel.act_sites().values() if sites is None else sites) if s.enabled]
-    with qmodel.bypassed(), observing(sites, seed) as observers:
+    with qmodel.bypassed(), observing(sites, seed, sample) as observers:
         run_batches(qmodel, batches, desc, progress)
     missing = [name for name, obs in observers.items() if obs.empty]
     if missing:
@@ -133,6 +137,12 @@ def run_unit(unit: nn.Module, inputs: UnitInputs, idx: torch.Tensor | slice) -> 
 
 
 @torch.no_grad()
+def unit_outputs(unit: nn.Module, inputs: UnitInputs, batch_size: int) -> torch.Tensor:
+    """The unit's outputs on all its recorded calls, `batch_size` images at a time."""
+    return torch.cat([run_unit(unit, inputs, slice(s, s + batch_size)) for s in range(0, len(inputs), batch_size)])
+
+
+@torch.no_grad()
 def unit_io(model: nn.Module, unit_name: str, images: torch.Tensor, batch_size: int,
             with_output: bool) -> tuple[UnitInputs, torch.Tensor | None]:
     """The calls `model` makes to its unit `unit_name` on `images` (and the unit's outputs)."""
@@ -169,6 +179,33 @@ def unit_io(model: nn.Module, unit_name: str, images: torch.Tensor, batch_size: 
     return UnitInputs(calls), (torch.cat(outs) if with_output else None)
 
 
+class UnitStream:
+    """A model's calls to its units, unit by unit in forward order (`inputs(unit)`). A chained unit's
+    calls are the previous unit's with its outputs as input (computed when asked for, so with the
+    previous unit as it is by then); any other unit's come from a forward that stops at it. Each unit
+    then runs once, instead of one forward up to every unit, and memory holds one unit's tensors."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+        self.model, self.images, self.batch_size = model, images, batch_size
+        self.unit_name: str | None = None
+        self.calls: UnitInputs | None = None
+        self._outputs: torch.Tensor | None = None
+
+    def inputs(self, unit_name: str, chained: bool) -> UnitInputs:
+        if chained and self.calls is not None:
+            self.calls = self.calls.with_x(self.outputs())
+        else:
+            self.calls = unit_io(self.model, unit_name, self.images, self.batch_size, with_output=False)[0]
+        self.unit_name, self._outputs = unit_name, None
+        return self.calls
+
+    def outputs(self) -> torch.Tensor:
+        """The current unit's outputs on its calls (computed once)."""
+        if self._outputs is None:
+            self._outputs = unit_outputs(self.model.submodule(self.unit_name), self.calls, self.batch_size)
+        return self._outputs
+
+
 @dataclass
 class Context:
     """What a method's `calibrate` gets: the model, the images, the config, the resolved per-site plan
@@ -196,6 +233,7 @@ class Context:
         return self.calib.images.to(self.device)
 
     def observe(self, sites: Iterable[ActSite] | None = None, batch_size: int = 32,
-                desc: str = "calibrating") -> dict[str, ReservoirObserver]:
+                desc: str = "calibrating", sample: Callable[[ActSite], bool] | None = None,
+                ) -> dict[str, ReservoirObserver]:
         return observe_float(self.qmodel, self.batches(batch_size), sites, seed=self.config.seed,
-                             progress=self.progress, desc=desc)
+                             progress=self.progress, desc=desc, sample=sample)

@@ -32,6 +32,11 @@ Deviations from the paper / official code:
   at ~20%, which caps the error of 6–8-bit post-GELU inputs (on a tiny ViT, W8A8 output SQNR 21 dB
   with q ≥ 10 against 37 dB with q ≥ 1; cf. AdaLog issue #2, W8A8 collapse).
 - The post-GELU combining stage keeps top_k bases (the code: 8) and top_k combinations (the code: 32).
+- Rows evaluated: at most `max_rows` = 4096 rows of a layer's input, and fewer where one candidate
+  evaluation would cost more than `search_macs` = 2^27 multiply-adds (at least 256; DeiT-S: 256-910
+  tokens); the attention searches use the operands of as many images as fit that cost (DeiT-S: 8 of
+  32). Samples are seeded; candidate ranges still come from the extremes of every row. The reference
+  models are evaluated whole. Measured effect: benchmarks/results/calibration_cost.md.
 - The official loader applies timm's *training* transform to the calibration images; vitquant uses
   the model's evaluation preprocessing.
 """
@@ -43,14 +48,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vitquant.calibration.capture import capture
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.fpcs import FPCS, evaluate, uniform_fake
+from vitquant.methods.grid_search import SEARCH_MACS, search_rows
 from vitquant.methods.reparam import fold_input_shift
 from vitquant.methods.repq_vit import reparam_mappings, reparameterize_post_ln
+from vitquant.methods.steps import capture_by_units
 from vitquant.models import roles
-from vitquant.models.qmodules import QuantConv2d
+from vitquant.models.qmodules import QuantConv2d, QuantLinear
 from vitquant.quantizers import AdaLogQuantizer, UniformQuantizer
 from vitquant.quantizers.adalog import GELU_SHIFT, R_DEFAULT, TABLES, adalog_codes, adalog_dequantize, mantissa_table
 
@@ -68,7 +74,8 @@ class AdaLogOptions:
     reparam_post_ln: bool = True
     reparam_head: bool = False  # also the final norm → head input (not in the paper or code)
     fold_shift: bool = True
-    max_rows: int = 4096  # rows (tokens) of a layer's input used by the search
+    max_rows: int = 4096  # rows (tokens) of a layer's input used by the search, at most
+    search_macs: int = SEARCH_MACS  # fewer rows/images where one candidate evaluation would cost more; 0: off
     reconstruct: bool = False
     reconstruct_iters: int = 200
 
@@ -83,6 +90,8 @@ class AdaLogOptions:
             raise ValueError(f"post_gelu must be 'adalog' or 'uniform', got {self.post_gelu!r}")
         if self.rounds < 1 or self.max_rows < 1 or self.r < 1:
             raise ValueError("rounds, max_rows and r must be positive")
+        if not isinstance(self.search_macs, int) or self.search_macs < 0:
+            raise ValueError(f"search_macs must be an integer >= 0 (0: no limit), got {self.search_macs!r}")
 
 
 def reconstruction_step():
@@ -97,10 +106,11 @@ def reconstruction_step():
     return reconstruct_blocks, ReconstructionOptions
 
 
-def _minmax(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column min-max (s, z): the starting point before a search."""
+def _minmax(rows: torch.Tensor, bits: int, extremes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column min-max (s, z): the starting point before a search (extremes: the exact (min, max)
+    when rows are a sample)."""
     q = UniformQuantizer(bits)
-    return q.params_for_range(rows.amin(0), rows.amax(0))
+    return q.params_for_range(*((rows.amin(0), rows.amax(0)) if extremes is None else extremes))
 
 
 def _uniform(bits: int, s: torch.Tensor, z: torch.Tensor, name: str, channel_axis: int | None = None) -> UniformQuantizer:
@@ -124,36 +134,52 @@ class AdaLog(Method):
         self.search = FPCS(opts.candidates, opts.top_k, opts.steps)
         self.table = mantissa_table(opts.r, config.a_bits, opts.table)
         self.gen = torch.Generator().manual_seed(config.seed)
-        batches = ctx.batches()
         mappings = reparam_mappings(ctx, opts.reparam_head) if opts.reparam_post_ln else (
             [m for m in reparam_mappings(ctx, True) if ctx.structure.role(ctx.structure.layer_input(m.layers[0]))
              == roles.HEAD] if opts.reparam_head else [])
         first = {m.layers[0]: m for m in mappings}
-        cores = {c.name: c for c in ctx.structure.cores}
-        groups = [([qmodel.submodule(n) for n in u.layers], [cores[c] for c in u.cores]) for u in ctx.structure.units]
+        units = ctx.structure.units
+        captures = capture_by_units(qmodel, units, ctx.images(), 32, False, self._capture_rows,
+                                    opts.search_macs or None, seed=config.seed)
         with torch.no_grad():
-            for layers, unit_cores in tqdm(groups, desc="adalog search", disable=not ctx.progress, leave=False):
-                caps, core_caps = capture(qmodel, layers, unit_cores, batches, with_grad=False)
-                rows = {l.name: self._rows(l, caps[l.name].x) for l in layers}
+            for unit, caps, core_caps in tqdm(captures, total=len(units), desc="adalog search",
+                                              disable=not ctx.progress, leave=False):
+                layers = [qmodel.submodule(n) for n in unit.layers]
+                rows = {l.name: self._rows(l, caps.pop(l.name)) for l in layers}  # name → (rows, extremes)
                 for layer in layers:
                     if layer.name in first:  # channel-wise first, then one shared layer-wise grid
                         mapping = first[layer.name]
-                        r, b = self._channel_wise_then_reparam(qmodel, mapping, rows[layer.name])
+                        r, b = self._channel_wise_then_reparam(qmodel, mapping, *rows[layer.name])
                         for name in mapping.layers:
-                            rows[name] = rows[name] / r - b
+                            x, ext = rows[name]
+                            rows[name] = (x / r - b, None if ext is None else (ext[0] / r - b, ext[1] / r - b))
                 for layer in layers:
-                    self._search_layer(layer, rows[layer.name])
-                for core in unit_cores:
-                    cap, sites = core_caps[core.name], qmodel.core_sites(core)
-                    self._search_qk(sites, cap.q, cap.kt)
-                    self._search_softmax_v(sites, cap.probs, cap.v)
+                    self._search_layer(layer, *rows[layer.name])
+                for name in unit.cores:
+                    cap, sites = core_caps.pop(name), qmodel.core_sites(ctx.structure.core(name))
+                    ext = cap.extremes or {}
+                    self._search_qk(sites, cap.q, cap.kt, ext.get("q"), ext.get("kt"))
+                    self._search_softmax_v(sites, cap.probs, cap.v, ext.get("v"))
         if opts.reconstruct:
             reconstruct_blocks(qmodel, ctx.calib, ReconstructionOptions(iters=opts.reconstruct_iters), ctx.progress)
         if opts.fold_shift:  # after reconstruction, which may still change fc2's weights
             self._fold_post_gelu_shifts(qmodel)
 
     # -- bookkeeping --------------------------------------------------------------------------------
-    def _rows(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def _keep(self, in_features: int, out_features: int) -> int:
+        """Rows a layer's search evaluates: max_rows, fewer where an evaluation would cost > search_macs."""
+        by_cost = search_rows(in_features, out_features, self.opts.search_macs)
+        return self.opts.max_rows if by_cost is None else min(self.opts.max_rows, by_cost)
+
+    def _capture_rows(self, layer) -> int | None:
+        """Linear inputs are sampled while captured (the capture keeps their exact extremes); conv
+        inputs whole, their unfolded patches are sampled in `_rows`."""
+        return self._keep(layer.in_features, layer.out_features) if isinstance(layer, QuantLinear) else None
+
+    def _rows(self, layer, cap) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The layer's input as [rows, in] (a seeded sample), and the exact per-column (min, max) of all
+        rows when the rows are a sample (None: they are all)."""
+        x = cap.x
         if isinstance(layer, QuantConv2d):  # a conv is a Linear on unfolded patches
             if layer.groups != 1:  # grouped/depthwise: no single matmul; rows are the input's channels
                 x = x.movedim(1, -1)
@@ -161,27 +187,35 @@ class AdaLog(Method):
                 kernel = layer.weight.shape[2:]
                 x = F.unfold(x, kernel, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
         rows = x.reshape(-1, x.shape[-1]).float()
-        if rows.shape[0] > self.opts.max_rows:
-            rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.opts.max_rows].sort().values]
-        return rows
+        if cap.lo is not None:
+            return rows, (cap.lo.float(), cap.hi.float())
+        keep = self.opts.max_rows if isinstance(layer, QuantLinear) or layer.groups != 1 else self._keep(
+            rows.shape[1], layer.weight.shape[0])
+        if rows.shape[0] > keep:
+            extremes = (rows.amin(dim=0), rows.amax(dim=0))
+            return rows[torch.randperm(rows.shape[0], generator=self.gen)[:keep].sort().values], extremes
+        return rows, None
 
     def _bits(self, site) -> int | None:
         return self.plan.act(site.name)
 
     # -- linear layers ------------------------------------------------------------------------------
-    def _channel_wise_then_reparam(self, qmodel, mapping, x: torch.Tensor):
+    def _channel_wise_then_reparam(self, qmodel, mapping, x: torch.Tensor, extremes=None):
         site = qmodel.submodule(mapping.layers[0]).input_site
         bits = self._bits(site)
 
         def input_error(s, z):  # per channel
             return (uniform_fake(x[None], s[:, None], z[:, None], bits) - x).pow(2).mean(1)
 
-        s, z = self.search.search_uniform(input_error, x, bits, x.numel())
+        s, z = self.search.search_uniform(input_error, x, bits, x.numel(), extremes=extremes)
         site.quantizer = _uniform(bits, s, z, site.name, channel_axis=site.channel_axis)
         return reparameterize_post_ln(qmodel, mapping, "mean")
 
-    def _search_layer(self, layer, x: torch.Tensor) -> None:
+    def _search_layer(self, layer, x: torch.Tensor, extremes=None) -> None:
         site = layer.input_site
+        # per-tensor extremes of every row (the rows may be a sample)
+        tensor_ext = None if extremes is None else (extremes[0].min().reshape(1), extremes[1].max().reshape(1))
+        x_max = x.max() if extremes is None else tensor_ext[1][0]
         w_bits = self.plan.weight(layer.name) or self.config.w_bits  # a float weight: dropped by apply_plan
         a_bits = self._bits(site)
         if isinstance(layer, QuantConv2d) and layer.groups != 1:
@@ -190,7 +224,8 @@ class AdaLog(Method):
         bias = None if layer.bias is None else layer.bias.detach().float()
         y = F.linear(x, W, bias)
         n, (c_out, c_in) = x.shape[0], W.shape
-        adalog = site.role == "post_gelu" and self.opts.post_gelu == "adalog"
+        # the GELU shift folds into a Linear's bias exactly; into a padded conv it would not (border taps)
+        adalog = site.role == "post_gelu" and self.opts.post_gelu == "adalog" and isinstance(layer, QuantLinear)
         extra = None  # the exact grid of a reparameterized post-LN input joins the candidates
         if isinstance(site.quantizer, UniformQuantizer) and site.quantizer.channel_axis is None:
             extra = (site.quantizer.scale, site.quantizer.zero_point)
@@ -203,7 +238,7 @@ class AdaLog(Method):
             act = None
         elif adalog:
             act = AdaLogQuantizer(a_bits, self.opts.r, self.opts.r, GELU_SHIFT, table=self.opts.table, name=site.name)
-            act.set_params(x.max() + GELU_SHIFT)
+            act.set_params(x_max + GELU_SHIFT)
         else:
             rows = x.reshape(-1, 1)
 
@@ -211,11 +246,12 @@ class AdaLog(Method):
                 return (uniform_fake(x[None], s[..., None], z[..., None], a_bits) - x).pow(2).mean((1, 2))[:, None]
 
             act = _uniform(a_bits, *self.search.search_uniform(a_self, rows, a_bits, x.numel(),
-                                                               [extra] if extra is not None else []), site.name)
+                                                               [extra] if extra is not None else [], tensor_ext),
+                           site.name)
 
         for _ in range(self.opts.rounds):
             if adalog:
-                self._search_post_gelu(act, x, uniform_fake(W, ws[:, None], wz[:, None], w_bits), bias, y)
+                self._search_post_gelu(act, x, uniform_fake(W, ws[:, None], wz[:, None], w_bits), bias, y, x_max)
             xq = x if act is None else act.fake_quant(x)
 
             def w_out(s, z):
@@ -233,7 +269,7 @@ class AdaLog(Method):
 
             starts = [(act.scale, act.zero_point)] + ([extra] if extra is not None else [])
             act = _uniform(a_bits, *self.search.search_uniform(a_out, x.reshape(-1, 1), a_bits, n * (c_in + c_out),
-                                                               starts), site.name)
+                                                               starts, tensor_ext), site.name)
         layer.weight_quantizer = _uniform(w_bits, ws, wz, f"{layer.name}.weight", channel_axis=0)
         site.enabled, site.quantizer = act is not None, act
 
@@ -273,7 +309,7 @@ class AdaLog(Method):
             value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
         return value - shift
 
-    def _search_post_gelu(self, act: AdaLogQuantizer, x, wq, bias, y) -> None:
+    def _search_post_gelu(self, act: AdaLogQuantizer, x, wq, bias, y, x_max) -> None:
         """FPCS's combining search of (base, scale): the best top_k bases at the current scale, each
         combined with scales across [P90 of the positive inputs, max] + shift, then refined."""
         bits, n = act.bits, x.shape[0]
@@ -288,9 +324,9 @@ class AdaLog(Method):
         top_q = qs[err[:, 0].topk(min(self.opts.top_k, len(qs)), largest=False).indices]  # [k, 1]
         pos = x[x > 0]
         # the code's candidates: from the 90th percentile of the positive inputs to the maximum, + shift
-        lo = (torch.quantile(pos[:: -(-pos.numel() // 2**24)], 0.9) if pos.numel() else x.max()) + GELU_SHIFT
+        lo = (torch.quantile(pos[:: -(-pos.numel() // 2**24)], 0.9) if pos.numel() else x_max) + GELU_SHIFT
         n_s = max(2, self.opts.candidates // len(top_q))
-        scales = torch.linspace(float(lo), float(x.max() + GELU_SHIFT), n_s, device=x.device).clamp_min(1e-8)
+        scales = torch.linspace(float(lo), float(x_max + GELU_SHIFT), n_s, device=x.device).clamp_min(1e-8)
         # every base × every scale, and the current pair, so that a later round never ends worse
         s0 = torch.cat([scales.repeat(len(top_q))[:, None], act.scale.reshape(1, 1)])
         q0 = torch.cat([top_q.repeat_interleave(n_s, dim=0), qs.new_full((1, 1), act.q)])
@@ -308,7 +344,8 @@ class AdaLog(Method):
         else:  # 3-D operands ([B·H, N, d]) have no heads axis: one grid
             site.quantizer, site.enabled = _uniform(bits, s[0], z[0], site.name), True
 
-    def _search_qk(self, sites: dict, q: torch.Tensor, kt: torch.Tensor) -> None:
+    def _search_qk(self, sites: dict, q: torch.Tensor, kt: torch.Tensor, q_ext=None, k_ext=None) -> None:
+        """q_ext, k_ext: exact per-head (min, max) when q and kt hold a subset of the images."""
         per_head = q.dim() == 4
         if not per_head:
             q, kt = q.unsqueeze(1), kt.unsqueeze(1)
@@ -318,7 +355,7 @@ class AdaLog(Method):
         fq_k = (lambda t, s, z: t) if kb is None else (lambda t, s, z: uniform_fake(t, s, z, kb))  # noqa: E731
         heads = lambda t: t.movedim(1, -1).reshape(-1, t.shape[1])  # noqa: E731
         bc = lambda p: p[:, None, :, None, None]  # noqa: E731  [k, H] -> [k, 1, H, 1, 1]
-        qs, ks = _minmax(heads(q), qb or bits), _minmax(heads(kt), kb or bits)
+        qs, ks = _minmax(heads(q), qb or bits, q_ext), _minmax(heads(kt), kb or bits, k_ext)
         floats = y.numel() + q.numel()
         for _ in range(self.opts.rounds):
             kq = fq_k(kt, ks[0][:, None, None], ks[1][:, None, None])
@@ -327,18 +364,18 @@ class AdaLog(Method):
                 return ((fq_q(q[None], bc(s), bc(z)) @ kq) - y).pow(2).mean((1, 3, 4))
 
             if qb is not None:
-                qs = self.search.search_uniform(q_err, heads(q), qb, floats, [qs])
+                qs = self.search.search_uniform(q_err, heads(q), qb, floats, [qs], q_ext)
             qq = fq_q(q, qs[0][:, None, None], qs[1][:, None, None])
 
             def k_err(s, z):
                 return ((qq @ fq_k(kt[None], bc(s), bc(z))) - y).pow(2).mean((1, 3, 4))
 
             if kb is not None:
-                ks = self.search.search_uniform(k_err, heads(kt), kb, floats, [ks])
+                ks = self.search.search_uniform(k_err, heads(kt), kb, floats, [ks], k_ext)
         self._install(sites["q"], qb, *qs, per_head)
         self._install(sites["k"], kb, *ks, per_head)
 
-    def _search_softmax_v(self, sites: dict, probs: torch.Tensor, v: torch.Tensor) -> None:
+    def _search_softmax_v(self, sites: dict, probs: torch.Tensor, v: torch.Tensor, v_ext=None) -> None:
         per_head = v.dim() == 4
         if not per_head:
             probs, v = probs.unsqueeze(1), v.unsqueeze(1)
@@ -346,7 +383,7 @@ class AdaLog(Method):
         y = probs @ v
         fq_v = (lambda t, s, z: t) if vb is None else (lambda t, s, z: uniform_fake(t, s, z, vb))  # noqa: E731
         heads = v.movedim(1, -1).reshape(-1, v.shape[1])
-        vs = _minmax(heads, vb or self.config.a_bits)
+        vs = _minmax(heads, vb or self.config.a_bits, v_ext)
         one, qs = torch.ones(1, 1, device=v.device), self._q_candidates(v.device)
         floats = probs.numel() + y.numel()
         best_q = self.opts.r
@@ -369,7 +406,7 @@ class AdaLog(Method):
                         ).pow(2).mean((1, 3, 4))
 
             if vb is not None:
-                vs = self.search.search_uniform(v_err, heads, vb, floats, [vs])
+                vs = self.search.search_uniform(v_err, heads, vb, floats, [vs], v_ext)
         site = sites["softmax"]
         if pb is None:
             site.quantizer, site.enabled = None, False

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitquant.calibration.engine import UnitInputs, UnitStream, run_unit
 from vitquant.methods.repq_vit import RepQOptions, RepQViT
 from vitquant.models.qmodules import QuantLinear
 from vitquant.quantizers import RangeRule, UniformQuantizer
@@ -189,8 +190,9 @@ class _StopForward(Exception):
     """Raised by a hook once the layer's input is captured: nothing after it needs computing."""
 
 
-def _layer_input(model: torch.nn.Module, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """What `layer` multiplies its weight with (its input site's output) when `model` runs on x."""
+def _layer_input(unit: torch.nn.Module, layer: QuantLinear, inputs: UnitInputs, idx: slice) -> torch.Tensor:
+    """What `layer` multiplies its weight with (its input site's output) when `unit` runs on the calls
+    `inputs[idx]`; the unit stops there."""
     captured = []
 
     def hook(_site, _inputs, out):
@@ -199,7 +201,7 @@ def _layer_input(model: torch.nn.Module, layer: QuantLinear, x: torch.Tensor) ->
 
     handle = layer.input_site.register_forward_hook(hook)
     try:
-        model(x)
+        run_unit(unit, inputs, idx)
     except _StopForward:
         pass
     finally:
@@ -220,29 +222,52 @@ class ERQ(RepQViT):
         qmodel, config = ctx.qmodel, ctx.config
         opts = self.options(config)
         rule = RangeRule("mse", candidates=opts.candidates)
-        batches = ctx.batches()
+        images, batch_size = ctx.images(), 32
         reference = copy.deepcopy(qmodel)  # the float function (reparameterization is exact): ERQ's target
-        linears = [n for n, m in qmodel.weight_layers().items()
-                   if isinstance(m, QuantLinear) and ctx.plan.weight(n) is not None]
-        for name in tqdm(linears, desc="erq", unit="layer", disable=not ctx.progress, leave=False):
-            layer, ref_layer = qmodel.submodule(name), reference.submodule(name)
-            stats = self._statistics(qmodel, reference, layer, ref_layer, batches, opts.sequential)
-            lam = 0.1 * (opts.head_coe if opts.head_coe is not None and layer.input_site.role == "head" else opts.coe)
-            theta = layer.weight.detach().double()
-            if layer.bias is not None:
-                theta = torch.cat([theta, layer.bias.detach().double()[:, None]], dim=1)
-            if opts.aqer:
-                theta = theta + aqer_delta(stats, theta, lam)
-                self._store(layer, theta)
-            q = UniformQuantizer(ctx.plan.weight(name), channel_axis=0, name=f"{name}.weight").fit(layer.weight, rule)
-            layer.weight_quantizer = q
-            if opts.wqer:
-                codes, theta = wqer(theta, q, stats, 0.1 * opts.coe, opts.max_flips)
-                self._store(layer, theta)
-                layer.weight.copy_(q.dequantize(codes.float()))  # bit-exact grid values, as load rebuilds them
-                layer.weight_frozen = True
-            else:
-                layer.freeze_weight()  # round-to-nearest; later layers see this layer quantized
+        todo = {n for n, m in qmodel.weight_layers().items()
+                if isinstance(m, QuantLinear) and ctx.plan.weight(n) is not None}
+        bar = tqdm(total=len(todo), desc="erq", unit="layer", disable=not ctx.progress, leave=False)
+        # Unit by unit in forward order, each unit's float input (reference) and quantized input (qmodel)
+        # carried from the previous unit's outputs: every layer costs a part of one unit's forward, not
+        # two forwards of the whole model.
+        f_stream, q_stream = UnitStream(reference, images, batch_size), UnitStream(qmodel, images, batch_size)
+        for unit in ctx.structure.units:
+            with reference.bypassed():
+                f_in = f_stream.inputs(unit.name, unit.chained)
+            # the previous unit's outputs, now quantized (parallel mode quantizes the float input instead)
+            q_in = q_stream.inputs(unit.name, unit.chained) if opts.sequential else None
+            ref_unit, q_unit = reference.submodule(unit.name), qmodel.submodule(unit.name)
+            for name in unit.layers:
+                if name not in todo:
+                    continue
+                layer, ref_layer = qmodel.submodule(name), reference.submodule(name)
+                with reference.bypassed():
+                    stats = self._statistics(q_unit, ref_unit, layer, ref_layer, q_in, f_in, batch_size,
+                                             opts.sequential)
+                self._reduce_errors(ctx, opts, rule, name, layer, stats)
+                bar.update()
+            with reference.bypassed():
+                f_stream.outputs()  # while the reference is float
+        bar.close()
+
+    def _reduce_errors(self, ctx, opts: ERQOptions, rule: RangeRule, name: str, layer: QuantLinear,
+                       stats: RidgeStatistics) -> None:
+        lam = 0.1 * (opts.head_coe if opts.head_coe is not None and layer.input_site.role == "head" else opts.coe)
+        theta = layer.weight.detach().double()
+        if layer.bias is not None:
+            theta = torch.cat([theta, layer.bias.detach().double()[:, None]], dim=1)
+        if opts.aqer:
+            theta = theta + aqer_delta(stats, theta, lam)
+            self._store(layer, theta)
+        q = UniformQuantizer(ctx.plan.weight(name), channel_axis=0, name=f"{name}.weight").fit(layer.weight, rule)
+        layer.weight_quantizer = q
+        if opts.wqer:
+            codes, theta = wqer(theta, q, stats, 0.1 * opts.coe, opts.max_flips)
+            self._store(layer, theta)
+            layer.weight.copy_(q.dequantize(codes.float()))  # bit-exact grid values, as load rebuilds them
+            layer.weight_frozen = True
+        else:
+            layer.freeze_weight()  # round-to-nearest; later layers see this layer quantized
 
     @staticmethod
     def _store(layer: QuantLinear, theta: torch.Tensor) -> None:
@@ -251,13 +276,15 @@ class ERQ(RepQViT):
             layer.bias.copy_(theta[:, layer.in_features].to(layer.bias.dtype))
 
     @staticmethod
-    def _statistics(qmodel, reference, layer, ref_layer, batches, sequential: bool) -> RidgeStatistics:
+    def _statistics(q_unit, ref_unit, layer, ref_layer, q_in: UnitInputs, f_in: UnitInputs, batch_size: int,
+                    sequential: bool) -> RidgeStatistics:
         stats = RidgeStatistics(layer.in_features, layer.out_features, layer.bias is not None, layer.weight.device)
-        with reference.bypassed():
-            for x in batches:
-                x_float = _layer_input(reference, ref_layer, x)
-                y = F.linear(x_float, ref_layer.weight, ref_layer.bias)
-                # sequential: the input this layer really gets once everything before it is quantized
-                x_q = _layer_input(qmodel, layer, x) if sequential else layer.input_site(x_float)
-                stats.update(x_q, y)
+        for start in range(0, len(f_in), batch_size):
+            idx = slice(start, start + batch_size)
+            x_float = _layer_input(ref_unit, ref_layer, f_in, idx)  # the reference is bypassed: float
+            y = F.linear(x_float, ref_layer.weight, ref_layer.bias)
+            # sequential: the input this layer really gets once everything before it is quantized
+            x_q = _layer_input(q_unit, layer, q_in, idx) if sequential else layer.input_site(x_float)
+            stats.update(x_q, y)
         return stats
+

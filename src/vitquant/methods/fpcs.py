@@ -48,12 +48,14 @@ def evaluate(loss: LossFn, scale: torch.Tensor, aux: torch.Tensor, floats_per_ca
         return torch.cat([loss(scale[i:i + k], aux[i:i + k]).float() for i in range(0, scale.shape[0], k)])
 
 
-def percentile_candidates(rows: torch.Tensor, bits: int, n_scale: int, n_zp: int
+def percentile_candidates(rows: torch.Tensor, bits: int, n_scale: int, n_zp: int,
+                          extremes: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scales [K, G], zero points [K, G], spacing δ [G]) for rows [N, G] (G independent groups)."""
+    """(scales [K, G], zero points [K, G], spacing δ [G]) for rows [N, G] (G independent groups).
+    extremes: the exact (min, max) [G] of the data when rows are only a sample of it."""
     qmax = 2**bits - 1
     ((lo_p, hi_p),) = candidate_ranges(rows, RangeRule("percentile", percentile=PERCENTILE))
-    lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+    lo, hi = (rows.amin(dim=0), rows.amax(dim=0)) if extremes is None else extremes
     t = torch.linspace(0, 1, n_scale, device=rows.device)[:, None]
     lo_t, hi_t = lo_p + t * (lo - lo_p), hi_p + t * (hi - hi_p)  # [n_scale, G]
     scale = ((hi_t - lo_t) / qmax).clamp_min(_EPS)
@@ -102,12 +104,14 @@ class FPCS:
         return scale.gather(0, best)[0], aux.gather(0, best)[0]
 
     def search_uniform(self, loss: LossFn, rows: torch.Tensor, bits: int, floats_per_candidate: int,
-                       extra: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                       extra: list[tuple[torch.Tensor, torch.Tensor]] = (),
+                       extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """FPCS for an asymmetric uniform quantizer of the groups (columns) of rows [N, G]; `extra`:
         (scale [G], zero point [G]) pairs added to the first-stage candidates (e.g. the current best,
-        so that a later round never ends worse than the one before)."""
+        so that a later round never ends worse than the one before); `extremes`: the exact (min, max)
+        [G] when rows are a sample."""
         n_scale, n_zp = self.grid(bits)
-        scale, zp, delta = percentile_candidates(rows, bits, n_scale, n_zp)
+        scale, zp, delta = percentile_candidates(rows, bits, n_scale, n_zp, extremes)
         G = scale.shape[1]
         for s, z in extra:
             scale = torch.cat([scale, s.reshape(-1).float().expand(G)[None]])

@@ -115,12 +115,18 @@ class FQViT(Method):
         if fused:
             raise VitquantError(f"fq-vit: {fused[0].owner} computes attention with explicit matmuls; FQ-ViT's "
                                 "Log-Int-Softmax needs the attention scores, available for SDPA attention only")
+        if structure.float_norm_inputs:
+            names = ", ".join(structure.float_norm_inputs[:3])
+            raise VitquantError(f"fq-vit: the input of {names} cannot be quantized (a norm computed without "
+                                "F.layer_norm/F.group_norm, e.g. a BatchNorm or a hand-written RMSNorm): a fully "
+                                "quantized model needs every norm input on a grid")
 
     def calibrate(self, ctx) -> None:
         qmodel, config, plan = ctx.qmodel, ctx.config, ctx.plan
         opts = self.options(config)
         fit_weights(qmodel, plan, RangeRule("minmax"), symmetric=True)
-        observers = ctx.observe()
+        # the extremes suffice for min-max ranges; PTF's factors and the other observers need samples
+        observers = ctx.observe(sample=lambda site: opts.observer != "minmax" or (site.role == roles.RESIDUAL and opts.ptf))
         sites = qmodel.act_sites()
 
         def uniform(group: list[ActSite], bits: int | None) -> None:

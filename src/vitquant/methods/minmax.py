@@ -17,6 +17,7 @@ class MinMax(Method):
 
     def calibrate(self, ctx) -> None:
         fit_weights(ctx.qmodel, ctx.plan, RangeRule("minmax"))
-        observers = ctx.observe()
+        # min-max ranges need the extremes only, not a sample of every site's values
+        observers = ctx.observe(sample=lambda site: self.activation_rule.kind != "minmax")
         choose = lambda site, bits: (UniformQuantizer(bits), self.activation_rule)  # noqa: E731
         fit_activations(ctx.qmodel, observers, choose, ctx.plan)

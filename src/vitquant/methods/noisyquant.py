@@ -31,6 +31,10 @@ Choices and deviations:
   baseline: what the noisy bias adds on top of it).
 - Every search compares with the float layer output; the code compares with the output computed from
   the float input and the already-quantized weights.
+- Rows evaluated (`search_macs`): each search measures the output error on a seeded sample of the
+  layer's input rows (as in ptq4vit.py: 2^27 multiply-adds per candidate, at least 256 rows; the
+  reference models are evaluated whole); the clip grid spans the largest |x| of every row.
+  `search_macs=0` evaluates every row. Measured effect: benchmarks/results/calibration_cost.md.
 - The base quantizer is the narrow symmetric grid ±(2^(k−1) − 1); the code also allows −2^(k−1), which
   its own search never uses (it clamps at ±clip first).
 """
@@ -45,9 +49,8 @@ from tqdm.auto import tqdm
 from vitquant.calibration.engine import observe_float
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
-from vitquant.calibration.capture import capture
-from vitquant.methods.grid_search import grid_argmin
-from vitquant.methods.steps import fit_site, fit_weights
+from vitquant.methods.grid_search import SEARCH_MACS, grid_argmin, search_rows
+from vitquant.methods.steps import capture_by_units, fit_site, fit_weights
 from vitquant.models.qmodules import QuantLinear
 from vitquant.quantizers import RangeRule, UniformQuantizer
 from vitquant.quantizers.noisy import NoisyBiasQuantizer, denoising_bias
@@ -63,6 +66,7 @@ class NoisyQuantOptions:
     mean_steps: int = 20  # noise="code" only (code: 200)
     range_steps: int = 100  # noise="code" only (code: 1000)
     batch_size: int = 32  # images per capture forward (memory only)
+    search_macs: int = SEARCH_MACS  # multiply-adds per candidate evaluation (row sample); 0: every row
 
     def __post_init__(self) -> None:
         if self.noise not in ("uniform", "code", "none"):
@@ -71,6 +75,8 @@ class NoisyQuantOptions:
             raise ValueError(f"matmuls must be 'uniform' or 'float', not {self.matmuls!r}")
         if min(self.clip_steps, self.mean_steps, self.range_steps, self.batch_size) < 1:
             raise ValueError("clip_steps, mean_steps, range_steps and batch_size must be >= 1")
+        if not isinstance(self.search_macs, int) or self.search_macs < 0:
+            raise ValueError(f"search_macs must be an integer >= 0 (0: every row), got {self.search_macs!r}")
 
 
 def symmetric_narrow(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
@@ -112,12 +118,15 @@ class NoisyQuant(Method):
         self._fit_other_sites(ctx, batches)
         linears = [l for l in qmodel.weight_layers().values() if isinstance(l, QuantLinear)]
         index = {l.name: i for i, l in enumerate(linears)}
-        groups = [[qmodel.submodule(n) for n in u.layers if n in index] for u in ctx.structure.units]
-        for layers in tqdm([g for g in groups if g], desc="noisyquant", unit="unit", disable=not ctx.progress,
-                           leave=False):
-            caps, _ = capture(qmodel, layers, [], batches, with_grad=False)
-            for layer in layers:
-                self._calibrate_linear(layer, caps.pop(layer.name).x, index[layer.name])
+        units = [u for u in ctx.structure.units if any(n in index for n in u.layers)]
+        rows = lambda l: search_rows(l.in_features, l.out_features, opts.search_macs)  # noqa: E731
+        # every Linear of a unit, no cores: a unit's captures hold only its Linear inputs
+        only_linears = [type(u)(u.name, tuple(n for n in u.layers if n in index), (), u.chained) for u in units]
+        captures = capture_by_units(qmodel, only_linears, ctx.images(), opts.batch_size, False, rows, seed=config.seed)
+        for _, caps, _ in tqdm(captures, total=len(units), desc="noisyquant", unit="unit", disable=not ctx.progress,
+                               leave=False):
+            for name, cap in caps.items():
+                self._calibrate_linear(qmodel.submodule(name), cap, index[name])
 
     def _fit_other_sites(self, ctx, batches) -> None:
         """Matmul operands and conv inputs: per-tensor asymmetric min-max (as `minmax`), or float."""
@@ -134,16 +143,19 @@ class NoisyQuant(Method):
                 sites.append(site)
         if not sites:
             return
-        observers = observe_float(ctx.qmodel, batches, sites=sites, seed=ctx.config.seed, progress=False)
+        observers = observe_float(ctx.qmodel, batches, sites=sites, seed=ctx.config.seed, progress=False,
+                                  sample=lambda site: False)  # min-max: the extremes suffice
         for site in sites:
             fit_site(site, UniformQuantizer(ctx.plan.act(site.name)), observers[site.name], RangeRule("minmax"))
 
-    def _calibrate_linear(self, layer: QuantLinear, x: torch.Tensor, index: int) -> None:
+    def _calibrate_linear(self, layer: QuantLinear, cap, index: int) -> None:
         ab, opts = self.plan.act(layer.input_site.name), self.opts
         if ab is None:
             layer.input_site.enabled, layer.input_site.quantizer = False, None
             return
-        x = x.reshape(-1, layer.in_features)
+        x = cap.x.reshape(-1, layer.in_features)
+        # the clip grid spans the largest |x| of every row, also when the error is measured on a sample
+        absmax = torch.maximum(cap.lo.abs(), cap.hi.abs()).max() if cap.lo is not None else x.abs().max()
         w = layer.weight.detach()
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
         wq = layer.weight_quantizer.fake_quant(w)
@@ -152,7 +164,7 @@ class NoisyQuant(Method):
 
         # 1. clip: absmax·i/steps, i = steps…1 (descending: ties keep the larger clip, as the code does)
         n = 2 ** (ab - 1) - 1
-        clips = x.abs().max().clamp_min(_EPS) * torch.arange(opts.clip_steps, 0, -1) / opts.clip_steps
+        clips = absmax.clamp_min(_EPS) * torch.arange(opts.clip_steps, 0, -1) / opts.clip_steps
         step = float(search.best(clips, lambda xs, c: symmetric_narrow(xs, c / n, ab))) / n
         base = UniformQuantizer(ab, symmetric=True, name=layer.input_site.name)
         base.set_params(torch.tensor(step), torch.tensor(0.0))

@@ -31,6 +31,15 @@ Deviations from the paper / official code:
   see quantizers/twin_uniform.py).
 - The image input of the patch embedding stays float whatever `QuantConfig.patch_embed_input_bits` says
   (the site is recorded as disabled); `quantize_image=True` quantizes it at those bits, searched too.
+- Rows evaluated (`search_macs`): a candidate's error is measured on a seeded sample of each Linear's
+  input rows (tokens), as many as make one evaluation cost `search_macs` = 2^27 multiply-adds, at least
+  256 (DeiT-S: 256-910 of 6,304 tokens at 32 images), and each attention core's on the operands of as
+  many images (DeiT-S: 8 of 32); the candidate grids still come from the extremes of every row and
+  image. The reference models (≤ 192 × 768 layers, 544 tokens) are evaluated whole, so their results
+  are unchanged. `search_macs=0` evaluates every row, as the code does (~250 evaluations per layer:
+  hundreds of forward passes on DeiT-S). Measured effect: benchmarks/results/calibration_cost.md.
+- Rounds stop early at a fixed point (a round that returns the scales it started from would be repeated
+  identically), which changes nothing.
 - The code's bias-correction flag is a no-op there (the call is commented out); not implemented.
 - `twin=False` is the paper's ablation (the code's `no_softmax`/`no_postgelu`): plain symmetric grids
   there. `QuantConfig(deployable=True)` implies it, since twin grids have no exact ONNX QDQ form.
@@ -45,8 +54,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitquant.methods.base import Method
-from vitquant.calibration.capture import CoreCapture, LayerCapture, capture
-from vitquant.methods.grid_search import grid_argmin
+from vitquant.calibration.capture import CoreCapture, LayerCapture
+from vitquant.methods.grid_search import SEARCH_MACS, grid_argmin, search_rows
+from vitquant.methods.steps import capture_by_units
 from vitquant.models.qmodules import QuantConv2d, QuantLinear
 from vitquant.quantizers import UniformQuantizer
 from vitquant.quantizers.twin_uniform import (SPLIT_EXPONENTS, TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
@@ -66,6 +76,7 @@ class PTQ4ViTOptions:
     matmul_per_head: bool = False  # one scale per head for q, k, v (the official code's batching classes)
     quantize_image: bool = False  # quantize the patch-embedding input at config.patch_embed_input_bits
     twin: bool = True  # False: plain symmetric grids for softmax/GELU outputs (the paper's ablation)
+    search_macs: int = SEARCH_MACS  # multiply-adds per candidate evaluation (row/image sample); 0: all
 
     def __post_init__(self) -> None:
         if self.metric not in ("hessian", "mse"):
@@ -74,6 +85,8 @@ class PTQ4ViTOptions:
             raise ValueError("candidates must be >= 2, rounds and batch_size >= 1")
         if not 0 < self.alpha < self.beta:
             raise ValueError(f"need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
+        if not isinstance(self.search_macs, int) or self.search_macs < 0:
+            raise ValueError(f"search_macs must be an integer >= 0 (0: every row), got {self.search_macs!r}")
 
 
 def symmetric_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
@@ -108,19 +121,22 @@ class PTQ4ViT(Method):
         # twin uniform grids have no exact ONNX QDQ form: QuantConfig(deployable=True) searches plain ones
         self.twin = opts.twin and not ctx.plan.deployable
         self.mults = torch.linspace(opts.alpha, opts.beta, opts.candidates)
-        batches = ctx.batches(opts.batch_size)
         self.qkv = dict(ctx.structure.fused_qkv)  # layer → number of q/k/v parts: one scale each
-        cores = {c.name: c for c in ctx.structure.cores}
-        groups = [([qmodel.submodule(n) for n in u.layers], [cores[c] for c in u.cores]) for u in ctx.structure.units]
-        for layers, unit_cores in tqdm(groups, desc="ptq4vit", unit="unit", disable=not ctx.progress, leave=False):
-            layer_caps, core_caps = capture(qmodel, layers, unit_cores, batches, with_grad=opts.metric == "hessian")
-            for layer in layers:
-                cap = layer_caps.pop(layer.name)
+        units = ctx.structure.units
+        rows = lambda l: (search_rows(l.in_features, l.out_features, opts.search_macs)  # noqa: E731
+                          if isinstance(l, QuantLinear) else None)
+        captures = capture_by_units(qmodel, units, ctx.images(), opts.batch_size, opts.metric == "hessian", rows,
+                                    opts.search_macs or None, seed=config.seed)
+        for unit, layer_caps, core_caps in tqdm(captures, total=len(units), desc="ptq4vit", unit="unit",
+                                                disable=not ctx.progress, leave=False):
+            for name in unit.layers:
+                layer, cap = qmodel.submodule(name), layer_caps.pop(name)
                 if isinstance(layer, QuantConv2d):
                     self._calibrate_conv(layer, cap)
                 else:
                     self._calibrate_linear(layer, cap)
-            for core in unit_cores:
+            for core in unit.cores:
+                core = ctx.structure.core(core)
                 self._calibrate_attention(qmodel.core_sites(core), core.name, core_caps.pop(core.name))
 
     # -- metric -------------------------------------------------------------------------------------
@@ -157,19 +173,22 @@ class PTQ4ViT(Method):
         groups = self.qkv.get(layer.name, 1) if out % self.qkv.get(layer.name, 1) == 0 else 1  # q, k, v: a scale each
         Wg = W.reshape(groups, out // groups, -1)
         twin = self.twin and site.role == "post_gelu"
+        # the grid comes from the extremes of every row, also when the error is measured on a sample
+        lo, hi = (cap.lo.min(), cap.hi.max()) if cap.lo is not None else (x.min(), x.max())
         if ab is None:
             fq_act, a_base = (lambda t, s: t), None  # noqa: E731
         elif twin:  # the positive range is searched; the negative one is fixed (GELU's minimum)
             fq_act = lambda t, s: gelu_twin_fake_quant(t, s, ab)  # noqa: E731
-            a_base = _minmax_step(x.max().clamp_min(0), ab)
+            a_base = _minmax_step(hi.clamp_min(0), ab)
         else:
             fq_act = lambda t, s: symmetric_fake_quant(t, s, ab)  # noqa: E731
-            a_base = _minmax_step(x.abs().max(), ab)
+            a_base = _minmax_step(torch.maximum(lo.abs(), hi.abs()), ab)
         s_a = a_base  # the first weight search sees min-max inputs, as in the code
         rows, per = x.shape[0], out // groups
         s_w, wq = None, W
 
         for _ in range(opts.rounds):
+            s_a_before = s_a
             xq = fq_act(x, s_a)
             if wb is not None:
                 w_cands = self.mults[:, None] * _minmax_step(Wg.abs().amax(dim=(1, 2)), wb)[None]  # [K, groups]
@@ -192,6 +211,8 @@ class PTQ4ViT(Method):
                 return self._sq_err(ref[items][None], o, gw[items][None] if gw is not None else None).sum(dim=(1, 2))[:, None]
 
             s_a = grid_argmin((self.mults * a_base)[:, None], rows, out + x.shape[1], a_err)[0]
+            if torch.equal(s_a, s_a_before):  # a fixed point: every further round would repeat this one
+                break
 
         if s_w is not None:
             per_channel = s_w.repeat_interleave(per)
@@ -223,6 +244,7 @@ class PTQ4ViT(Method):
         s_x, s_w, wq = x_base, None, W
         per_image = ref[0].numel()
         for _ in range(self.opts.rounds if ib else 1):  # a float input leaves nothing to alternate with
+            s_x_before = s_x
             xq = symmetric_fake_quant(x, s_x, ib) if ib else x
             if wb is not None:
                 w_cands = self.mults[:, None] * _minmax_step(W.abs().amax(dim=(1, 2, 3)), wb)[None]  # per channel
@@ -250,6 +272,8 @@ class PTQ4ViT(Method):
                     return e.sum(dim=(1, 2, 3, 4))[:, None]
 
                 s_x = grid_argmin((self.mults * x_base)[:, None], x.shape[0], per_image + x[0].numel(), x_err)[0]
+                if torch.equal(s_x, s_x_before):  # a fixed point (see _calibrate_linear)
+                    break
         if s_w is not None:
             conv.weight_quantizer = full_range_symmetric(wb, s_w, 0, f"{conv.name}.weight")
         if ib:
@@ -267,7 +291,13 @@ class PTQ4ViT(Method):
             b = bits[key]
             return (lambda t, s: t) if b is None else (lambda t, s: symmetric_fake_quant(t, s, b))
 
-        def step(t, key):  # min-max step per tensor, or per head
+        operand = {"q": "q", "k": "kt", "v": "v", "softmax": "probs"}
+
+        def step(t, key):  # min-max step per tensor, or per head (of every image, when t holds a subset)
+            if cap.extremes is not None and operand[key] in cap.extremes:
+                lo, hi = cap.extremes[operand[key]]
+                absmax = torch.maximum(lo.abs(), hi.abs())
+                return _minmax_step(absmax if per_head > 1 else absmax.max().reshape(-1), bits[key] or 8)
             dims = (0, 2, 3) if per_head > 1 else tuple(range(t.dim()))
             return _minmax_step(t.abs().amax(dim=dims).reshape(-1), bits[key] or 8)
 
@@ -328,8 +358,11 @@ class PTQ4ViT(Method):
             return fq(t, s.reshape(-1, 1, 1) if s.numel() > 1 else s.reshape(()))
 
         for _ in range(self.opts.rounds):
+            s_b_before = s_b
             bq = quant(fq_b, b, s_b)
             s_a = grid_argmin(a_cands, a.shape[0], per_image, err("a"))
             aq = quant(fq_a, a, s_a)
             s_b = grid_argmin(b_cands, a.shape[0], per_image, err("b"))
+            if s_b.shape == s_b_before.shape and torch.equal(s_b, s_b_before):  # a fixed point: rounds would repeat
+                break
         return s_a, s_b

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vitquant.calibration.data import CalibrationSet
-from vitquant.calibration.engine import UnitInputs, first_tensor, run_unit, unit_io
+from vitquant.calibration.engine import UnitInputs, UnitStream, run_unit, unit_io, unit_outputs
 from vitquant.errors import VitquantError
 from vitquant.models.dispatch import quiet
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
@@ -124,40 +124,6 @@ def float_teacher(qmodel: QuantizedModel) -> QuantizedModel:
     for unit in [*teacher.act_sites().values(), *teacher.weight_layers().values()]:
         unit.bypass = True
     return teacher.eval().requires_grad_(False)
-
-
-FLOAT_CACHE_BYTES = 1 << 30  # above this, the float targets are recomputed unit by unit
-
-
-@torch.no_grad()
-def _float_targets(teacher: QuantizedModel, names: list[str], images: torch.Tensor,
-                   batch_size: int) -> dict[str, tuple[UnitInputs, torch.Tensor]] | None:
-    """Every unit's float call and output in one forward pass (instead of one pass per unit, which
-    costs O(units²) block forwards), or None when they would take more than FLOAT_CACHE_BYTES."""
-    store: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
-
-    def hook(name):
-        def save(_m, args, kwargs, out):
-            with quiet():
-                store[name][0].append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                                       {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
-                store[name][1].append(first_tensor(out).detach())
-        return save
-
-    handles = [teacher.submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
-    try:
-        for i, x in enumerate(images.split(batch_size)):
-            teacher(x)
-            if i == 0:
-                per_image = sum(t.numel() * t.element_size() for calls, outs in store.values() for t in
-                                [o for o in outs] + [a for c in calls for a in c[0] if isinstance(a, torch.Tensor)]
-                                ) / len(x)
-                if per_image * len(images) > FLOAT_CACHE_BYTES:
-                    return None
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (UnitInputs(calls), torch.cat(outs)) for n, (calls, outs) in store.items()}
 
 
 # -- training views ----------------------------------------------------------------------------------
@@ -275,26 +241,17 @@ def _mse(unit: nn.Module, inputs: UnitInputs, targets: torch.Tensor, batch_size:
     return total / targets.numel()
 
 
-@torch.no_grad()
-def _outputs(unit: nn.Module, inputs: UnitInputs, batch_size: int) -> torch.Tensor:
-    return torch.cat([run_unit(unit, inputs, slice(s, s + batch_size)) for s in range(0, len(inputs), batch_size)])
-
-
 def _channel_dim(qmodel: QuantizedModel, name: str, out: torch.Tensor) -> int:
     """Conv outputs are [B, C, H, W]; token outputs (even 4-D, Swin's [B, H, W, C]) keep channels last."""
     last = qmodel.submodule(qmodel.structure.unit(name).layers[-1])
     return 1 if isinstance(last, QuantConv2d) and out.dim() == 4 else -1
 
 
-def _reconstruct_unit(qmodel: QuantizedModel, teacher: QuantizedModel, targets: dict | None, name: str,
+def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Tensor, name: str,
                       images: torch.Tensor, opts: ReconstructionOptions, gen: torch.Generator,
                       progress: bool, chained_input: torch.Tensor | None) -> tuple[UnitResult, UnitInputs]:
     t0 = time.perf_counter()
     unit = qmodel.submodule(name)
-    if targets is not None:
-        f_in, f_out = targets.pop(name)
-    else:
-        f_in, f_out = unit_io(teacher, name, images, opts.batch_size, with_output=True)
     if opts.inputs == "float":
         x_in = f_in
     elif chained_input is not None:  # the previous (quantized) unit's output is this unit's input
@@ -354,14 +311,18 @@ def reconstruct_blocks(
     try:
         with _weights_float(qmodel, opts.weights == "float"):
             units = reconstruction_units(qmodel)
-            targets = _float_targets(teacher, units, images, opts.batch_size)
             chained = {u.name: u.chained for u in qmodel.structure.units}
+            # the float model's call and output of each unit, computed unit by unit (each float unit runs
+            # once, memory holds one unit's tensors)
+            stream = UnitStream(teacher, images, opts.batch_size)
             nxt = None
             for name in units:
-                results[name], x_in = _reconstruct_unit(qmodel, teacher, targets, name, images, opts, gen, progress,
-                                                        nxt if chained[name] and targets is not None else None)
+                f_in = stream.inputs(name, chained[name])
+                f_out = stream.outputs()
+                results[name], x_in = _reconstruct_unit(qmodel, f_in, f_out, name, images, opts, gen, progress,
+                                                        nxt if chained[name] else None)
                 # what the next unit receives from this one, now that it is reconstructed
-                nxt = _outputs(qmodel.submodule(name), x_in, opts.batch_size) if opts.inputs == "quantized" else None
+                nxt = unit_outputs(qmodel.submodule(name), x_in, opts.batch_size) if opts.inputs == "quantized" else None
     finally:
         qmodel.train(was_training)
     return results

@@ -1,13 +1,15 @@
-"""Steps that methods compose: fit weight quantizers, fit activation quantizers from observers."""
+"""Steps that methods compose: fit weight quantizers, fit activation quantizers from observers, capture
+layer inputs unit by unit in memory-bounded passes."""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
 from vitquant.calibration.observer import ReservoirObserver
 from vitquant.methods.deployable import deployable_plan
-from vitquant.models.qmodules import ActSite
+from vitquant.models.qmodules import ActSite, QuantLinear
 from vitquant.models.quantized import QuantizedModel
 from vitquant.plan import SitePlan
 from vitquant.quantizers import Quantizer, RangeRule, UniformQuantizer
@@ -64,3 +66,129 @@ def freeze(qmodel: QuantizedModel) -> None:
     with torch.no_grad():
         for layer in qmodel.weight_layers().values():
             layer.freeze_weight()
+
+
+# -- layer-wise captures, unit by unit ---------------------------------------------------------------
+GRAD_BYTES = 256 * 2**20  # unit-output gradients held at once (see capture_by_units)
+
+
+def _probe(qmodel: QuantizedModel, units: list, image: torch.Tensor) -> tuple[dict[str, int], int | None]:
+    """From one image: each unit's output size, and the multiply-adds of the first core's Q·Kᵀ."""
+    from vitquant.calibration.capture import capture  # late: capture imports the model modules
+    from vitquant.calibration.engine import first_tensor
+
+    out_floats: dict[str, int] = {}
+
+    def hook(name):
+        def record(_m, _args, out):
+            out_floats[name] = first_tensor(out).numel()
+        return record
+
+    handles = [qmodel.submodule(u.name).register_forward_hook(hook(u.name)) for u in units]
+    try:
+        with qmodel.bypassed(), torch.no_grad():
+            qmodel(image)
+    finally:
+        for h in handles:
+            h.remove()
+    core = next((qmodel.structure.core(c) for u in units for c in u.cores), None)
+    if core is None:
+        return out_floats, None
+    _, caps = capture(qmodel, [], [core], [image], with_grad=False)
+    return out_floats, caps[core.name].q.numel() * caps[core.name].kt.shape[-1]
+
+
+def _unit_output_grads(qmodel: QuantizedModel, units: list, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """∂L/∂(output) of each unit (L = capture.pseudo_label_loss of the float model), from one forward and
+    backward of the whole float model per batch."""
+    from vitquant.calibration.capture import pseudo_label_loss
+    from vitquant.calibration.engine import first_tensor
+    from vitquant.models.dispatch import quiet
+    from vitquant.models.io import logits_of
+
+    store: dict[str, list[torch.Tensor]] = {u.name: [] for u in units}
+
+    def hook(name):
+        def record(_m, _args, out):
+            with quiet():
+                t = first_tensor(out)
+                if t.requires_grad:
+                    t.register_hook(lambda g: store[name].append(g.detach()))
+        return record
+
+    handles = [qmodel.submodule(u.name).register_forward_hook(hook(u.name)) for u in units]
+    params = [p for p in qmodel.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with qmodel.bypassed(), torch.enable_grad():
+            for x in batches:
+                pseudo_label_loss(logits_of(qmodel(x.clone().requires_grad_(True)))).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.requires_grad_(True)
+    for name, grads in store.items():
+        if len(grads) != len(batches):
+            raise RuntimeError(f"unit {name!r} ran {len(grads)} times over {len(batches)} batches; unit-wise "
+                               "capture needs each unit called once per forward")
+    return {name: torch.cat(grads) for name, grads in store.items()}
+
+
+def capture_by_units(qmodel: QuantizedModel, units: list, images: torch.Tensor, batch_size: int, with_grad: bool,
+                     rows: Callable[[torch.nn.Module], int | None] | None = None, core_macs: int | None = None,
+                     seed: int = 0, grad_bytes: int = GRAD_BYTES) -> Iterator[tuple]:
+    """Yield (unit, layer captures, core captures) for each unit in forward order (calibration/capture.py),
+    computing each unit once on its float inputs, carried from the previous unit (engine.UnitStream),
+    instead of one forward of the whole model per unit. With gradients, ∂L/∂(unit output) comes from one
+    forward and backward of the whole model (per group of units whose gradients fit `grad_bytes`), and
+    each unit backpropagates it. Every tensor is the one a forward of the whole model gives (the tapped
+    unit computes its attention explicitly, the others as the model does, as in a whole-model capture).
+
+    rows(layer): the input rows a Linear keeps (None: all); core_macs: each core keeps the operands of as
+    many images as make one Q·Kᵀ evaluation cost at most this many multiply-adds (None: all images)."""
+    from vitquant.calibration.capture import Subsample, capture
+    from vitquant.calibration.engine import UnitStream, first_tensor
+
+    batches = list(images.split(batch_size))
+    out_floats, qk_macs = _probe(qmodel, units, images[:1])
+    keep_rows = {}
+    for u in units:
+        for name in u.layers:
+            r = rows(qmodel.submodule(name)) if rows is not None else None
+            if r is not None:
+                keep_rows[name] = r
+    core_images = max(1, core_macs // qk_macs) if core_macs and qk_macs else None
+    subsample = Subsample(keep_rows, core_images, seed)
+    groups = [[]]  # consecutive units whose output gradients fit grad_bytes together
+    for u in units:
+        if groups[-1] and 4 * len(images) * sum(out_floats.get(v.name, 0) for v in groups[-1] + [u]) > grad_bytes:
+            groups.append([])
+        groups[-1].append(u)
+    stream = UnitStream(qmodel, images, batch_size)
+    for group in groups:
+        grads = _unit_output_grads(qmodel, group, batches) if with_grad else {}
+        for u in group:
+            with qmodel.bypassed():
+                calls = stream.inputs(u.name, u.chained)
+            module = qmodel.submodule(u.name)
+            if with_grad:  # the unit's input requires grad, so every activation inside it does
+                calls_g = calls.with_x(calls.x.detach().requires_grad_(True))
+                grad_out = grads.pop(u.name)
+
+            def run(i: int, _x: torch.Tensor) -> None:
+                idx = slice(i * batch_size, (i + 1) * batch_size)
+                if with_grad:
+                    with torch.enable_grad():
+                        args, kwargs = calls_g.call(idx)
+                        first_tensor(module(*args, **kwargs)).backward(grad_out[idx])
+                else:
+                    with torch.no_grad():
+                        args, kwargs = calls.call(idx)
+                        module(*args, **kwargs)
+
+            layer_caps, core_caps = capture(qmodel, [qmodel.submodule(n) for n in u.layers],
+                                            [qmodel.structure.core(c) for c in u.cores], batches, with_grad,
+                                            subsample, run=run)
+            yield u, layer_caps, core_caps

@@ -45,18 +45,29 @@ def channels_last_2d(x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
 
 
 def _quantiles(rows: torch.Tensor, qs: list[float]) -> list[torch.Tensor]:
-    """Per-column quantiles with linear interpolation (as torch.quantile), sorting only once."""
+    """Per-column quantiles with linear interpolation (as torch.quantile). Only the order statistics
+    the quantiles need are computed: the extreme ones with two `topk`s (the same values a full sort
+    gives, ~10x cheaper for the tail quantiles range rules use), a full sort when the quantiles reach
+    into the middle."""
     if rows.numel() > _QUANTILE_LIMIT:
         rows = rows[:: -(-rows.numel() // _QUANTILE_LIMIT)]
-    srt = rows.sort(dim=0).values
-    n = srt.shape[0]
-    out = []
+    n = rows.shape[0]
+    pairs = []
     for q in qs:
         pos = min(max(q, 0.0), 1.0) * (n - 1)
         i = int(pos)
-        j, frac = min(i + 1, n - 1), pos - i
-        out.append(srt[i] + frac * (srt[j] - srt[i]))
-    return out
+        pairs.append((i, min(i + 1, n - 1), pos - i))
+    ranks = {r for i, j, _ in pairs for r in (i, j)}
+    k_lo = max((r + 1 for r in ranks if 2 * r < n), default=0)  # the k_lo smallest values
+    k_hi = max((n - r for r in ranks if 2 * r >= n), default=0)  # the k_hi largest values
+    if k_lo + k_hi > n // 2:
+        srt = rows.sort(dim=0).values
+        at = lambda r: srt[r]  # noqa: E731
+    else:
+        low = rows.topk(k_lo, dim=0, largest=False).values if k_lo else None  # ascending
+        high = rows.topk(k_hi, dim=0, largest=True).values if k_hi else None  # descending
+        at = lambda r: low[r] if 2 * r < n else high[n - 1 - r]  # noqa: E731
+    return [at(i) + frac * (at(j) - at(i)) for i, j, frac in pairs]
 
 
 def candidate_ranges(
