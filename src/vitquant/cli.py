@@ -145,8 +145,8 @@ def cmd_quantize(args) -> int:
                                        allow_nonfinite=args.allow_nonfinite)
         if files:
             qmodel.stats["calibration_grid"] = "calibration_images.png"  # inside the output directory
-        extra = {**_evaluate_for_report(args, qmodel, model), **mixed_extra}
-        vitquant.save(qmodel, out, force=args.force, extra=extra, extra_files=files)
+        extra = _evaluate_for_report(args, qmodel, model)
+        vitquant.save(qmodel, out, force=args.force, extra={**extra, **mixed_extra}, extra_files=files)
     _print_quantized(args, config, qmodel.stats, out, extra)
     for line in summary_lines(mixed_extra):
         print(line)

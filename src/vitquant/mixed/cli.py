@@ -66,7 +66,8 @@ class MixedRequest:
                 probe = QuantConfig(**{**config.to_dict(), "method": name, "options": options})
             if progress:
                 print("measuring each site's sensitivity at 3/4/6/8 bits …", flush=True)
-            table = build_table(model, config, calib, probe=probe)
+            # measured KL (a forward per site and width) is what mptq ranks by; the others need one pass
+            table = build_table(model, config, calib, probe=probe, measured=self.criterion == "mptq")
             alloc = allocate(table, Budget(self.avg_bits, self.size_mb), self.criterion)
             config = alloc.config(config)
             extra["mixed_precision"] = {**alloc.to_dict(), "table_seconds": table.seconds, "notes": table.notes}

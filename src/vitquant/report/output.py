@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vitquant.report.mixed import mixed_sections, site_bits_cell
 from vitquant.report.table import format_table
 
 
@@ -33,9 +34,9 @@ def render_output_report(meta: dict[str, Any], sizes: dict[str, int], files: lis
              ["options", ", ".join(f"{k}={v}" for k, v in (config.get("options") or {}).items()) or "defaults"],
              ["deployable only", "yes" if config.get("deployable") else "no"]]
     if config.get("site_bits"):
-        facts.append(["site bits", ", ".join(f"{k}={v}" for k, v in config["site_bits"].items())])
+        facts.append(["site bits", site_bits_cell(config["site_bits"])])
     if config.get("keep_float"):
-        facts.append(["kept float (asked)", ", ".join(config["keep_float"])])
+        facts.append(["kept float (asked)", _listing(config["keep_float"])])
     weights = meta.get("float_weights") or {}
     facts.append(["float weights", weights.get("path") or source.get("weights") or source.get("name") or "–"])
     if weights.get("sha256"):
@@ -59,6 +60,7 @@ def render_output_report(meta: dict[str, Any], sizes: dict[str, int], files: lis
     else:
         lines += ["## Accuracy", "", "Not evaluated (pass `--eval DATA` to `vitquant quantize`, or run "
                   "`vitquant eval` on this directory).", ""]
+    lines += mixed_sections(meta)
     lines += ["## Size", "", format_table(["float (fp32)", "deployed (weights at their bits)", "model.safetensors"],
                                           [[_mb(sizes.get("float_fp32_bytes")), _mb(sizes.get("deployed_bytes")),
                                             _mb(sizes.get("file_bytes"))]]), ""]

@@ -10,10 +10,13 @@ from typing import Any
 KIND_COLORS = {"act": "#1f77b4", "weight": "#ff7f0e"}
 
 
-def _figure(w: float, h: float):
+def _figure(w: float, h: float, **margins: float):
     from matplotlib.figure import Figure  # no pyplot: no global state, no backend selection
 
-    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+    fig = Figure(figsize=(w, h), dpi=100)
+    # fixed margins: a layout engine costs a second draw of ~80 tick labels per figure
+    fig.subplots_adjust(**{"left": 0.07, "right": 0.98, "top": 0.9, "bottom": 0.12, **margins})
+    return fig
 
 
 def _png(fig) -> bytes:
@@ -29,7 +32,7 @@ def _short(point: str) -> str:
 def offenders_bar(a: Any, top: int = 20) -> bytes:
     """Measured KL of the worst points, one bar each (log scale), weights and activations coloured."""
     pts = a.offenders[:top][::-1]
-    fig = _figure(8, max(2.5, 0.28 * len(pts) + 1))
+    fig = _figure(8, max(2.5, 0.28 * len(pts) + 1), left=0.22, bottom=0.8 / max(2.5, 0.28 * len(pts) + 1))
     ax = fig.add_subplot()
     kl = [max(a.points[p].get("kl") or 0.0, 1e-9) for p in pts]
     ax.barh(range(len(pts)), kl, color=[KIND_COLORS[a.points[p]["kind"]] for p in pts])
@@ -43,7 +46,7 @@ def offenders_bar(a: Any, top: int = 20) -> bytes:
 def sensitivity_map(a: Any) -> bytes:
     """Every point in forward order: measured KL, Fisher proxy and relevance, each normalized to its max."""
     pts = list(a.points)
-    fig = _figure(10, 3.2)
+    fig = _figure(10, 3.6, bottom=0.3)
     ax = fig.add_subplot()
     for key, label, style in (("kl", "measured KL", "-o"), ("fisher", "Fisher proxy", "-s"),
                               ("relevance", "LRP relevance", ":")):
@@ -60,7 +63,7 @@ def sensitivity_map(a: Any) -> bytes:
 def sqnr_plot(a: Any) -> bytes:
     pts = [p for p in a.points if a.points[p].get("sqnr_isolated_db") is not None
            or a.points[p].get("sqnr_context_db") is not None]
-    fig = _figure(10, 3.2)
+    fig = _figure(10, 3.6, bottom=0.3)
     ax = fig.add_subplot()
     for key, label in (("sqnr_isolated_db", "in isolation"), ("sqnr_context_db", "in context (all quantized)")):
         v = [a.points[p].get(key) for p in pts]
@@ -74,7 +77,7 @@ def sqnr_plot(a: Any) -> bytes:
 
 def spread_plot(a: Any) -> bytes:
     pts = [p for p in a.points if a.points[p]["kind"] == "act" and a.points[p].get("channel_spread")]
-    fig = _figure(10, 3.0)
+    fig = _figure(10, 3.4, bottom=0.32)
     ax = fig.add_subplot()
     v = [a.points[p]["channel_spread"] for p in pts]
     ax.bar(range(len(pts)), v, color=["#d62728" if x >= 10 else "#7f7f7f" for x in v])
@@ -87,7 +90,7 @@ def spread_plot(a: Any) -> bytes:
 
 def point_detail(a: Any, point: str) -> bytes:
     """Histogram (log counts) with the quantizer's grid range, and the per-channel max |x|."""
-    fig = _figure(9, 2.6)
+    fig = _figure(9, 2.6, wspace=0.25, bottom=0.18)
     ax1, ax2 = fig.subplots(1, 2)
     h = a.histograms.get(point) or {"edges": [], "counts": []}
     if h["counts"]:
