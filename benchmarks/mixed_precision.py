@@ -38,7 +38,7 @@ from vitquant.calibration.data import data_config_for, load_calibration, load_la
 from vitquant.config import QuantConfig, parse_method_spec  # noqa: E402
 from vitquant.evaluate import predict_logits  # noqa: E402
 from vitquant.mixed.allocate import CRITERIA, allocate  # noqa: E402
-from vitquant.mixed.budget import Budget, effective_bits  # noqa: E402
+from vitquant.mixed.budget import A_LEVELS, Budget, effective_bits  # noqa: E402
 from vitquant.mixed.tables import build_table  # noqa: E402
 from vitquant.models import prepare  # noqa: E402
 from vitquant.models.loading import load_model  # noqa: E402
@@ -49,7 +49,8 @@ from vitquant.serialization import write_output_text  # noqa: E402
 MODELS = {"bundled": "bundled", "d12": str(HERE / "work" / "vit_mnist_d12.safetensors")}
 METHODS = ["repq-vit", "repq-vit:reparam_head=true", "adalog"]
 PROBES = {"adalog": "repq-vit:reparam_head=true"}
-AVG_BITS = 4.5
+# budget → (average bits, activation levels, the uniform presets it is compared with: lower, higher)
+BUDGETS = {"4.5": (4.5, A_LEVELS, "W4A4", "W6A6"), "3.5": (3.5, (3, 4, 6, 8, None), "W3A3", "W4A4")}
 
 
 def key(r: dict) -> tuple:
@@ -61,19 +62,23 @@ def config_of(method: str, bits: str, seed: int) -> QuantConfig:
     return QuantConfig.preset(bits, method=name, options=options, seed=seed)
 
 
+def top1_of(model, data) -> float:
+    return (predict_logits(model, data, progress=False).argmax(1) == data.labels).double().mean().item() * 100
+
+
 def evaluate_run(model, config, calib, data, elems) -> dict:
     t0 = time.perf_counter()
     q = quantize(model, config, calib, progress=False)
     seconds = time.perf_counter() - t0
-    top1 = (predict_logits(q, data, progress=False).argmax(1) == data.labels).double().mean().item() * 100
     w, a = effective_bits(q, elems)
-    return {"top1": top1, "size_bytes": q.size_bytes(), "eff_w_bits": w, "eff_a_bits": a,
+    return {"top1": top1_of(q, data), "size_bytes": q.size_bytes(), "eff_w_bits": w, "eff_a_bits": a,
             "calib_seconds": round(seconds, 2)}
 
 
 def run(args) -> None:
     store = ResultsStore(args.store, key=key)
     machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, 1 thread"
+    budgets = [BUDGETS[b] for b in args.budgets.split(",")]
     for short in args.models.split(","):
         path = MODELS[short]
         if path != "bundled" and not Path(path).exists():
@@ -83,13 +88,19 @@ def run(args) -> None:
         cfg = data_config_for(model)
         data = load_labeled("bundled", cfg)
         elems = elements(prepare(model), data.images[:1])
+        variant = f"stress S={STRESS['factor']:g}"
+        flt = {"model": short, "variant": variant, "method": "float", "bits": "FP32", "seed": 0, "criterion": None}
+        with store.claim(flt) as mine:
+            if mine:
+                store.append({**flt, "top1": top1_of(model, data), "machine": machine, "finished": _now()})
         for method in args.methods.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 calib = load_calibration("bundled", cfg, n=32, seed=seed)
-                base = {"model": short, "variant": f"stress S={STRESS['factor']:g}", "method": method, "seed": seed}
-                for bits in ("W4A4", "W6A6"):
+                base = {"model": short, "variant": variant, "method": method, "seed": seed}
+                uniform = sorted({u for b in budgets for u in b[2:]})
+                for bits in uniform:
                     rec = {**base, "bits": bits, "criterion": None}
-                    if bits == "W6A6" and seed != 0:
+                    if bits == max(uniform) and seed != 0:  # the larger preset is there for its size
                         continue
                     with store.claim(rec) as mine:
                         if mine:
@@ -97,23 +108,24 @@ def run(args) -> None:
                                        machine=machine, finished=_now())
                             store.append(rec)
                             print(_line(rec), flush=True)
-                table = None
-                for crit in CRITERIA:
-                    rec = {**base, "bits": f"avg{AVG_BITS:g}", "criterion": crit}
-                    with store.claim(rec) as mine:
-                        if not mine:
-                            continue
-                        config = config_of(method, "w4a4", seed)
-                        if table is None:
-                            probe = config_of(PROBES[method], "w4a4", seed) if method in PROBES else None
-                            table = build_table(model, config, calib, probe=probe)
-                        alloc = allocate(table, Budget(avg_bits=AVG_BITS), crit)
-                        rec.update(evaluate_run(model, alloc.config(config), calib, data, elems),
-                                   planned_w_bits=alloc.avg_weight_bits, planned_a_bits=alloc.avg_act_bits,
-                                   counts=alloc.counts(), probe=table.probe, table_seconds=table.seconds,
-                                   machine=machine, finished=_now())
-                        store.append(rec)
-                        print(_line(rec), flush=True)
+                for avg, a_levels, _, _ in budgets:
+                    table = None
+                    for crit in CRITERIA:
+                        rec = {**base, "bits": f"avg{avg:g}", "criterion": crit}
+                        with store.claim(rec) as mine:
+                            if not mine:
+                                continue
+                            config = config_of(method, "w4a4", seed)
+                            if table is None:
+                                probe = config_of(PROBES[method], "w4a4", seed) if method in PROBES else None
+                                table = build_table(model, config, calib, probe=probe, a_levels=a_levels)
+                            alloc = allocate(table, Budget(avg_bits=avg), crit)
+                            rec.update(evaluate_run(model, alloc.config(config), calib, data, elems),
+                                       planned_w_bits=alloc.avg_weight_bits, planned_a_bits=alloc.avg_act_bits,
+                                       counts=alloc.counts(), probe=table.probe, table_seconds=table.seconds,
+                                       machine=machine, finished=_now())
+                            store.append(rec)
+                            print(_line(rec), flush=True)
 
 
 def _now() -> str:
@@ -132,47 +144,57 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({min(values):.1f}–{max(values):.1f})"
 
 
+def _budget_table(groups: dict, model: str, budget: str) -> list[list]:
+    avg, _, low, high = BUDGETS[budget]
+    rows = []
+    for method in [m for m in METHODS if any(k[0] == model and k[1] == m for k in groups)]:
+        lo, hi = groups.get((model, method, low, None), []), groups.get((model, method, high, None), [])
+        for label, rs in [(f"uniform {low}", lo), (f"uniform {high}", hi)] + [
+                (f"mixed {avg:g} — {c}", groups.get((model, method, f"avg{avg:g}", c), [])) for c in CRITERIA]:
+            if not rs:
+                continue
+            top = [r["top1"] for r in rs]
+            versus = ""
+            if label.startswith("mixed") and lo and hi:
+                delta = statistics.mean(top) - statistics.mean(r["top1"] for r in lo)
+                smaller = max(r["size_bytes"] for r in rs) < min(r["size_bytes"] for r in hi)
+                versus = f"{delta:+.2f} / {'yes' if smaller else 'no'}"
+            size = statistics.mean(r["size_bytes"] for r in rs) / 1e6
+            w, a = (statistics.mean(r[k] for r in rs) for k in ("eff_w_bits", "eff_a_bits"))
+            rows.append([method, label, _stat(top), len(rs), f"{size:.3f}", f"W{w:.2f} A{a:.2f}", versus,
+                         rs[0].get("probe", "–")])
+    return rows
+
+
 def render(store: ResultsStore, load: str) -> str:
     recs = store.records
     groups: dict[tuple, list[dict]] = {}
     for r in recs:
         groups.setdefault((r["model"], r["method"], r["bits"], r.get("criterion")), []).append(r)
-    lines = ["# Mixed precision under a budget (average 4.5 bits) vs uniform W4A4 / W6A6", "",
+    machine = next((r["machine"] for r in recs if "machine" in r), "")
+    lines = ["# Mixed precision under a budget vs uniform bits", "",
              f"Generated by `benchmarks/mixed_precision.py` on {datetime.now(timezone.utc):%Y-%m-%d} from "
-             f"`mixed_precision_runs.jsonl` ({len(recs)} runs); {recs[0]['machine'] if recs else ''}; "
-             f"load average when rendered: {load}.", "",
+             f"`mixed_precision_runs.jsonl` ({len(recs)} runs); {machine}; load average when rendered: {load}.", "",
              "Models: the outlier-stress variants (S=30, 6 channels of every norm → layers mapping) of the "
              "bundled 6-block ViT (`bundled`) and the 12-block one (`d12`). Top-1 % on the 1000-image MNIST-5k "
-             "test split (one standard error ≈ 0.5 points); mean ± sample std over calibration seeds (min–max). "
-             "Mixed: weights 3/4/6/8/float and activations 4/6/8/float chosen per point under an average of "
-             "4.5 bits each (element-weighted, float = 32 bits, the image input at 8 bits outside the budget); "
-             "`eff. bits` are measured on the quantized model as it runs. Size: deployed bytes "
-             "(`QuantizedModel.size_bytes`: weight codes + per-channel fp32 scale/zero point + fp32 rest).", ""]
-    models = sorted({k[0] for k in groups})
-    for model in models:
-        lines += [f"## {model} (stress S=30)", ""]
-        rows = []
-        for method in [m for m in METHODS if any(k[0] == model and k[1] == m for k in groups)]:
-            u4 = groups.get((model, method, "W4A4", None), [])
-            u6 = groups.get((model, method, "W6A6", None), [])
-            for label, rs in [("uniform W4A4", u4), ("uniform W6A6", u6)] + [
-                    (f"mixed {AVG_BITS:g} — {c}", groups.get((model, method, f"avg{AVG_BITS:g}", c), []))
-                    for c in CRITERIA]:
-                if not rs:
-                    continue
-                top = [r["top1"] for r in rs]
-                beats = ""
-                if label.startswith("mixed") and u4 and u6:
-                    delta = statistics.mean(top) - statistics.mean(r["top1"] for r in u4)
-                    smaller = max(r["size_bytes"] for r in rs) < min(r["size_bytes"] for r in u6)
-                    beats = f"{delta:+.2f} / {'yes' if smaller else 'no'}"
-                rows.append([method, label, _stat(top), len(rs),
-                             f"{statistics.mean(r['size_bytes'] for r in rs) / 1e6:.3f}",
-                             f"W{statistics.mean(r['eff_w_bits'] for r in rs):.2f} "
-                             f"A{statistics.mean(r['eff_a_bits'] for r in rs):.2f}", beats,
-                             rs[0].get("probe", "–")])
-        lines += [format_table(["method", "precision", "top-1 %", "seeds", "size MB", "eff. bits",
-                                "Δ top-1 vs W4A4 / smaller than W6A6", "sensitivity measured with"], rows), ""]
+             "test split (one standard error ≈ 0.6 points at 96%); mean ± sample std over calibration seeds "
+             "(min–max). Mixed: bits chosen per point — weights 3/4/6/8/float, activations 4/6/8/float (3/4/6/8/"
+             "float for the 3.5 budget) — under that average for weights and for activations each "
+             "(element-weighted, float = 32 bits; the image input stays at 8 bits, outside the budget), from "
+             "a sensitivity table measured on the seed's 32 calibration images. `eff. bits`: measured on the "
+             "quantized model as it runs. Size: deployed bytes (`QuantizedModel.size_bytes`: weight codes + "
+             "per-channel fp32 scale/zero point + fp32 rest). The larger uniform preset is run for seed 0 only "
+             "(it is there for its size).", ""]
+    for model in sorted({k[0] for k in groups}, key=lambda m: (m != "bundled", m)):
+        flt = groups.get((model, "float", "FP32", None))
+        lines += [f"## {model} (stress S=30)" + (f" — float top-1 {flt[0]['top1']:.2f}" if flt else ""), ""]
+        for budget, (avg, _, low, high) in BUDGETS.items():
+            rows = _budget_table(groups, model, budget)
+            if any(r[1].startswith("mixed") for r in rows):
+                lines += [f"### Average {avg:g} bits vs uniform {low} and {high}", "",
+                          format_table(["method", "precision", "top-1 %", "seeds", "size MB", "eff. bits",
+                                        f"Δ top-1 vs {low} / smaller than {high}", "sensitivity measured with"],
+                                       rows), ""]
     return "\n".join(lines)
 
 
@@ -181,6 +203,7 @@ def main() -> int:
     p.add_argument("--models", default="bundled,d12")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budgets", default="4.5,3.5", help="average-bit budgets (see BUDGETS)")
     p.add_argument("--store", default=str(HERE / "results" / "mixed_precision_runs.jsonl"))
     p.add_argument("--out", default=str(HERE / "results" / "mixed_precision.md"))
     p.add_argument("--render-only", action="store_true")

@@ -16,6 +16,14 @@
   sensitivity" term as SQNR rather than accuracy), minimized by the same knapsack. Relevance is LRP-0
   (gradient × input of the top-1 logit) on the float model, see sensitivity.relevance.
 Weights and activations are separate budgets and separate problems (the costs are additive).
+
+Not taken from the papers: MPTQ-ViT's SQ-b (SmoothQuant with bias) and OPT-m (post-GELU scale-ratio search),
+and LRP-QViT/Mix-QViT's clipped channel-wise post-LN quantization are calibration techniques, not
+allocation; here any registered method calibrates the chosen plan. Both papers allocate per *layer*;
+we allocate per point (each activation site and each weight separately), which the additive costs allow.
+The budget counts float as 32 bits and weights activations by elements (budget.py): the papers' "average
+bit width" is, as far as the abstracts say, a plain mean over layers, which does not track size (a small
+layer at 8 bits weighs as much as a large one).
 """
 from __future__ import annotations
 

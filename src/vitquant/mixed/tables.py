@@ -55,6 +55,14 @@ class SensitivityTable:
                 "pinned": {p: b for p, b in self.pinned.items()}}
 
 
+def method_spec(config: QuantConfig) -> str:
+    """'repq-vit:reparam_head=True': the method and the options that differ from its defaults."""
+    from vitquant.methods import get_method
+
+    defaults = get_method(config.method).validate_options({})
+    return config.method + "".join(f":{k}={v}" for k, v in sorted(config.options.items()) if defaults.get(k) != v)
+
+
 def build_table(model: nn.Module, config: QuantConfig, calib: CalibrationSet, *, probe: QuantConfig | None = None,
                 w_levels: tuple[int | None, ...] = W_LEVELS, a_levels: tuple[int | None, ...] = A_LEVELS,
                 measured: bool = True, batch_size: int = 32, progress: bool = False) -> SensitivityTable:
@@ -97,7 +105,7 @@ def build_table(model: nn.Module, config: QuantConfig, calib: CalibrationSet, *,
             costs[p][lv] = {"kl": s.kl, "fisher": s.fisher, "rel_noise": s.rel_noise} if s else \
                 {"kl": 0.0, "fisher": 0.0, "rel_noise": 0.0}
     rel = float_relevance(model, images, config, batch_size)
-    name = probe.method + "".join(f":{k}={v}" for k, v in sorted(probe.options.items()))
+    name = method_spec(probe)
     table = SensitivityTable(free, kind, levels, costs, rel, fp, pinned, name,
                              {"weight": config.w_bits, "act": config.a_bits}, excluded=excluded)
     table.seconds = round(time.perf_counter() - t0, 2)
