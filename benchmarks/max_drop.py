@@ -1,4 +1,5 @@
-"""`--max-drop 0.5` from a W4A4 start on every reference ViT (natural and outlier-stress variants).
+"""`--max-drop 0.5` from a W4A4 start on every reference model (the 6- and 12-block ViTs and the Swin,
+natural and outlier-stress variants).
 
 For each model × variant × method × seed: vitquant.mixed.target.meet_target with max_drop 0.5 — the
 MNIST-5k test split (1000 images) is the held-out set: its even positions (500) steer the search, its odd
@@ -26,7 +27,8 @@ import torch  # noqa: E402
 from vitquant.bench import STRESS, ResultsStore  # noqa: E402
 from vitquant.calibration.data import data_config_for, load_calibration, load_labeled  # noqa: E402
 from vitquant.config import QuantConfig, parse_method_spec  # noqa: E402
-from vitquant.mixed.budget import footprint  # noqa: E402
+from vitquant.analysis.sensitivity import elements  # noqa: E402
+from vitquant.mixed.budget import effective_bits, footprint  # noqa: E402
 from vitquant.mixed.target import meet_target  # noqa: E402
 from vitquant.models import prepare  # noqa: E402
 from vitquant.models.loading import load_model  # noqa: E402
@@ -34,7 +36,8 @@ from vitquant.models.outliers import inject_ln_outliers  # noqa: E402
 from vitquant.report.table import format_table  # noqa: E402
 from vitquant.serialization import write_output_text  # noqa: E402
 
-MODELS = {"bundled": "bundled", "d12": str(HERE / "work" / "vit_mnist_d12.safetensors")}
+MODELS = {"bundled": "bundled", "d12": str(HERE / "work" / "vit_mnist_d12.safetensors"),
+          "swin": str(HERE / "work" / "swin_mnist.safetensors")}
 MAX_DROP = 0.5
 
 
@@ -51,7 +54,7 @@ def run(args) -> None:
     for short in args.models.split(","):
         path = MODELS[short]
         if path != "bundled" and not Path(path).exists():
-            print(f"note: {path} not found (train it: benchmarks/train_reference.py --depth 12), skipped")
+            print(f"note: {path} not found (train it: see benchmarks/accuracy.py), skipped")
             continue
         natural = load_model(path)
         for variant, model in (("natural", natural), (f"stress S={STRESS['factor']:g}",
@@ -69,10 +72,12 @@ def run(args) -> None:
                         config = QuantConfig.preset("w4a4", method=name, options=options, seed=seed)
                         res = meet_target(model, config, calib, holdout, MAX_DROP)
                         raised = sum(1 for b in res.changes.values() if b is not None)
+                        w_bits, a_bits = effective_bits(res.qmodel, elements(res.qmodel, holdout.images[:1]))
                         rec.update(start_drop=res.path[0].drop, met=res.met, trials=len(res.path), raised=raised,
                                    floated=len(res.changes) - raised, val_drop=res.final.drop,
                                    report_drop=res.report["drop"], report_top1=res.report["top1"],
                                    report_float_top1=res.report["float_top1"], size_bytes=res.final.size_bytes,
+                                   eff_w_bits=w_bits, eff_a_bits=a_bits,
                                    w4a4_bytes=uniform_bytes(model, 4), w8a8_bytes=uniform_bytes(model, 8),
                                    changes={p: ("float" if b is None else b) for p, b in res.changes.items()},
                                    path=[t.to_dict() for t in res.path], machine=machine,
@@ -87,7 +92,8 @@ def render(store: ResultsStore, load: str) -> str:
     recs = sorted(store.records, key=lambda r: (r["model"] != "bundled", r["variant"], r["method"], r["seed"]))
     rows = [[r["model"], r["variant"], r["method"], r["seed"], f"{r['start_drop']:.1f}", r["trials"], r["raised"],
              r["floated"], f"{r['val_drop']:.2f}", "yes" if r["met"] else "**no**", f"{r['report_drop']:.2f}",
-             f"{r['size_bytes'] / 1e6:.3f}", f"{r['w4a4_bytes'] / 1e6:.3f} / {r['w8a8_bytes'] / 1e6:.3f}"]
+             f"{r['size_bytes'] / 1e6:.3f}", f"{r['w4a4_bytes'] / 1e6:.3f} / {r['w8a8_bytes'] / 1e6:.3f}",
+             f"W{r['eff_w_bits']:.2f} A{r['eff_a_bits']:.2f}" if "eff_w_bits" in r else "–"]
             for r in recs]
     met = sum(r["met"] for r in recs)
     rep = [r["report_drop"] for r in recs]
@@ -100,17 +106,19 @@ def render(store: ResultsStore, load: str) -> str:
              "decision saw; on 500 images one image is 0.2 points and one standard error of a ~96% top-1 is ~0.9 "
              "points, so the report drop can exceed the target by chance. Drops are float − quantized top-1 "
              "(points). `raised`: sites raised to 8 bits; `float`: kept float; size: deployed bytes "
-             "(`QuantizedModel.size_bytes`).", "",
+             "(`QuantizedModel.size_bytes`: weights only, so raising activation sites leaves it unchanged); "
+             "`eff. bits`: element-weighted average bits of weights and activations as the final model runs "
+             "(the image input excluded).", "",
              f"Target met on the validation half in **{met} of {len(recs)}** runs; report-half drop: mean "
              f"{statistics.mean(rep) if rep else 0:.2f}, max {max(rep) if rep else 0:.2f}.", "",
              format_table(["model", "variant", "method", "seed", "start drop", "trials", "raised", "float",
-                           "val drop", "met", "report drop", "size MB", "W4A4 / W8A8 MB"], rows), ""]
+                           "val drop", "met", "report drop", "size MB", "W4A4 / W8A8 MB", "eff. bits"], rows), ""]
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="bundled,d12")
+    p.add_argument("--models", default="bundled,d12,swin")
     p.add_argument("--methods", default="repq-vit,minmax")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--store", default=str(HERE / "results" / "max_drop_runs.jsonl"))

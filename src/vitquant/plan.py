@@ -43,6 +43,10 @@ class SitePlan:
     def weight(self, layer: str) -> int | None:
         return self.weights.get(layer)
 
+    def points(self) -> dict[str, int | None]:
+        """Every quantization point → bits: site names, and '<layer>.weight' for weights."""
+        return {**self.acts, **{f"{n}.weight": b for n, b in self.weights.items()}}
+
     @property
     def float_sites(self) -> list[str]:
         return [n for n, b in self.acts.items() if b is None] + [f"{n}.weight" for n, b in self.weights.items() if b is None]

@@ -22,6 +22,7 @@ from vitquant.calibration.data import CalibrationSet, data_config_for, load_cali
 from vitquant.calibration.engine import Context
 from vitquant.config import QuantConfig
 from vitquant.methods import get_method
+from vitquant.methods.deployable import make_deployable
 from vitquant.methods.steps import apply_plan
 from vitquant.models import QuantizedModel, prepare
 from vitquant.models.io import logits_of
@@ -113,8 +114,7 @@ class Calibrated:
 
 def calibrate_unfrozen(model: nn.Module, config: QuantConfig, calib: CalibrationSet | str = "bundled",
                        progress: bool = False) -> Calibrated:
-    """What `vitquant.quantize` does up to (not including) freezing the weights and the deployable
-    stand-ins; `model` is left untouched."""
+    """What `vitquant.quantize` does, except freezing the weights; `model` is left untouched."""
     method = get_method(config.method)()
     qmodel = prepare(model, source=infer_source(model), extra_sites=method.requires_sites,
                      unknown=config.unknown_layers)
@@ -126,6 +126,8 @@ def calibrate_unfrozen(model: nn.Module, config: QuantConfig, calib: Calibration
     torch.manual_seed(config.seed)
     method.calibrate(Context(qmodel, calib, config, plan, progress))
     apply_plan(qmodel, plan)
+    if config.deployable:  # the stand-ins quantize() installs; they only swap quantizers
+        make_deployable(qmodel)
     qmodel.config = config
     return Calibrated(qmodel.eval(), plan, config)
 

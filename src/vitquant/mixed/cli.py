@@ -70,7 +70,8 @@ class MixedRequest:
             table = build_table(model, config, calib, probe=probe, measured=self.criterion == "mptq")
             alloc = allocate(table, Budget(self.avg_bits, self.size_mb), self.criterion)
             config = alloc.config(config)
-            extra["mixed_precision"] = {**alloc.to_dict(), "table_seconds": table.seconds, "notes": table.notes}
+            extra["mixed_precision"] = {**alloc.to_dict(), "table_seconds": table.seconds, "notes": table.notes,
+                                        "table": table.to_dict()}  # why: every point's cost at every width
         qmodel = None
         if self.max_drop is not None:
             from vitquant.mixed.target import meet_target

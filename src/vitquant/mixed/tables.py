@@ -55,6 +55,16 @@ class SensitivityTable:
                 "pinned": {p: b for p, b in self.pinned.items()}}
 
 
+def plan_bits(model: nn.Module, config: QuantConfig) -> dict[str, int | None]:
+    """The plan's bits per point for `config`'s method, without calibrating."""
+    from vitquant.methods import get_method
+    from vitquant.models import prepare
+
+    structure = prepare(model, extra_sites=get_method(config.method).requires_sites,
+                        unknown=config.unknown_layers).structure
+    return SitePlan.resolve(config, structure).points()
+
+
 def method_spec(config: QuantConfig) -> str:
     """'repq-vit:reparam_head=True': the method and the options that differ from its defaults."""
     from vitquant.methods import get_method
@@ -88,7 +98,11 @@ def build_table(model: nn.Module, config: QuantConfig, calib: CalibrationSet, *,
     pinned: dict[str, int | None] = {}
     kind, levels, costs, free = {}, {}, {}, []
     excluded = {n for n, s in structure.sites.items() if s.role == "image"}
+    # the points of the config's own method (a probe with other extra sites measures a different set)
+    wanted = set(plan_bits(model, config)) if probe.method != config.method else None
     for p in first.points():
+        if wanted is not None and p not in wanted:
+            continue
         is_weight = p not in acts
         kind[p] = "weight" if is_weight else "act"
         if p in pinned_names:
@@ -104,11 +118,14 @@ def build_table(model: nn.Module, config: QuantConfig, calib: CalibrationSet, *,
             s = per_width[lv].get(p)  # absent: the method leaves this point float at this width
             costs[p][lv] = {"kl": s.kl, "fisher": s.fisher, "rel_noise": s.rel_noise} if s else \
                 {"kl": 0.0, "fisher": 0.0, "rel_noise": 0.0}
+    notes = [f"{len(wanted - set(kind))} points of {config.method} that the probe {probe.method} does not have "
+             "are left at the config's bits"] if wanted is not None and wanted - set(kind) else []
     rel = float_relevance(model, images, config, batch_size)
     name = method_spec(probe)
     table = SensitivityTable(free, kind, levels, costs, rel, fp, pinned, name,
                              {"weight": config.w_bits, "act": config.a_bits}, excluded=excluded)
     table.seconds = round(time.perf_counter() - t0, 2)
+    table.notes += notes
     left = [p for p in free if all(per_width[lv].get(p) is None for lv in levels[p] if lv is not None)]
     if left:
         table.notes.append(f"{len(left)} points the method never quantizes (it keeps them float), counted at "

@@ -34,6 +34,7 @@ from vitquant.calibration.data import CalibrationSet, LabeledSet
 from vitquant.config import QuantConfig
 from vitquant.errors import VitquantError
 from vitquant.evaluate import predict_logits
+from vitquant.mixed.tables import plan_bits
 from vitquant.plan import pinned_points, with_point_bits
 
 
@@ -174,16 +175,3 @@ def meet_target(model: nn.Module, config: QuantConfig, calib: CalibrationSet, ho
                           {"data": rep.source, "float_top1": float_rep, "top1": q_rep, "drop": float_rep - q_rep,
                            "validation": val.source}, q)
     return result
-
-
-def plan_bits(model: nn.Module, config: QuantConfig) -> dict[str, int | None]:
-    """The plan's bits per point, without calibrating (names as calibrated.points gives them)."""
-    from vitquant.methods import get_method
-    from vitquant.models import prepare
-    from vitquant.plan import SitePlan
-
-    structure = prepare(model, extra_sites=get_method(config.method).requires_sites,
-                        unknown=config.unknown_layers).structure
-    plan = SitePlan.resolve(config, structure)
-    return {**dict(plan.acts), **{f"{n}.weight": b for n, b in plan.weights.items()}}
-

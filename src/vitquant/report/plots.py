@@ -43,36 +43,36 @@ def offenders_bar(a: Any, top: int = 20) -> bytes:
     return _png(fig)
 
 
+def _lines(pts: list[str], series: list[tuple[str, list[float], str]], ylabel: str, title: str) -> bytes:
+    """One line per series over the points in forward order (None: a gap)."""
+    fig = _figure(10, 3.6, bottom=0.3)
+    ax = fig.add_subplot()
+    for label, values, style in series:
+        ax.plot(range(len(pts)), [float("nan") if v is None else v for v in values], style, ms=3, lw=1, label=label)
+    ax.set_xticks(range(len(pts)), [_short(p) for p in pts], rotation=90, fontsize=5)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _png(fig)
+
+
 def sensitivity_map(a: Any) -> bytes:
     """Every point in forward order: measured KL, Fisher proxy and relevance, each normalized to its max."""
     pts = list(a.points)
-    fig = _figure(10, 3.6, bottom=0.3)
-    ax = fig.add_subplot()
+    series = []
     for key, label, style in (("kl", "measured KL", "-o"), ("fisher", "Fisher proxy", "-s"),
                               ("relevance", "LRP relevance", ":")):
         v = [a.points[p].get(key) or 0.0 for p in pts]
         m = max(v) or 1.0
-        ax.plot(range(len(pts)), [x / m for x in v], style, ms=3, lw=1, label=label)
-    ax.set_xticks(range(len(pts)), [_short(p) for p in pts], rotation=90, fontsize=5)
-    ax.set_ylabel("share of the largest")
-    ax.legend(fontsize=8)
-    ax.set_title("Sensitivity of every quantization point, in forward order")
-    return _png(fig)
+        series.append((label, [x / m for x in v], style))
+    return _lines(pts, series, "share of the largest", "Sensitivity of every quantization point, in forward order")
 
 
 def sqnr_plot(a: Any) -> bytes:
-    pts = [p for p in a.points if a.points[p].get("sqnr_isolated_db") is not None
-           or a.points[p].get("sqnr_context_db") is not None]
-    fig = _figure(10, 3.6, bottom=0.3)
-    ax = fig.add_subplot()
-    for key, label in (("sqnr_isolated_db", "in isolation"), ("sqnr_context_db", "in context (all quantized)")):
-        v = [a.points[p].get(key) for p in pts]
-        ax.plot(range(len(pts)), [x if x is not None else float("nan") for x in v], "-o", ms=3, lw=1, label=label)
-    ax.set_xticks(range(len(pts)), [_short(p) for p in pts], rotation=90, fontsize=5)
-    ax.set_ylabel("SQNR (dB)")
-    ax.legend(fontsize=8)
-    ax.set_title("Quantization SQNR per point (weights: their layer's output)")
-    return _png(fig)
+    keys = (("sqnr_isolated_db", "in isolation"), ("sqnr_context_db", "in context (all quantized)"))
+    pts = [p for p in a.points if any(a.points[p].get(k) is not None for k, _ in keys)]
+    return _lines(pts, [(label, [a.points[p].get(k) for p in pts], "-o") for k, label in keys], "SQNR (dB)",
+                  "Quantization SQNR per point (weights: their layer's output)")
 
 
 def spread_plot(a: Any) -> bytes:
