@@ -93,3 +93,16 @@ def test_store_reads_what_another_writer_appended(tmp_path):
     b.append(_rec(1, 20.0))
     assert [r["seed"] for r in b.records] == [0, 1]
     assert [r["seed"] for r in ResultsStore(tmp_path / "s.jsonl").records] == [0, 1]
+
+
+def test_refused_runs_are_kept_and_shown_not_averaged():
+    from vitquant.bench import summarize
+    from vitquant.report.accuracy import render_accuracy
+
+    base = {"model": "m", "variant": "natural", "bits": "W4A4"}
+    recs = [{**base, "method": "float", "bits": "FP32", "seed": 0, "top1": 90.0},
+            {**base, "method": "a", "seed": 0, "top1": 80.0, "agreement": 90.0},
+            {**base, "method": "fq-vit", "seed": 0, "refused": "fq-vit: explicit matmuls"}]
+    s = summarize(recs)
+    assert s[("m", "natural", "fq-vit", "W4A4")] == {"refused": "fq-vit: explicit matmuls", "n": 0}
+    assert "| fq-vit       | refused |" in render_accuracy(recs)

@@ -237,9 +237,17 @@ def run_sweep(spec: SweepSpec, store: ResultsStore, progress: bool = True) -> in
                                 continue
                             if float_logits is None:
                                 float_logits = predict_logits(model, data, progress=False)
-                            store.append(_run(rec, model, spec, cfg, data, float_logits, machine))
+                            try:
+                                rec = _run(rec, model, spec, cfg, data, float_logits, machine)
+                            except VitquantError as e:  # a method that refuses this architecture: recorded
+                                rec.update(refused=str(e), machine=machine,
+                                           finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            store.append(rec)
                             added += 1
-                            if progress:
+                            if progress and "refused" in rec:
+                                print(f"{model_name} [{variant}] {method} {bits} seed {seed}: refused: {rec['refused']}",
+                                      flush=True)
+                            elif progress:
                                 print(f"{model_name} [{variant}] {method} {bits} seed {seed}: top-1 "
                                       f"{rec['top1']:.2f} (agree {rec['agreement']:.1f}%), calib "
                                       f"{rec['calib_seconds']:.1f} s", flush=True)
@@ -283,6 +291,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
         groups.setdefault((r["model"], r["variant"], r["method"], r["bits"]), []).append(r)
     out = {}
     for k, rs in groups.items():
+        if all("refused" in r for r in rs):
+            out[k] = {"refused": rs[0]["refused"], "n": 0}
+            continue
+        rs = [r for r in rs if "refused" not in r]
         top1 = [r["top1"] for r in rs]
         out[k] = {
             "top1": statistics.mean(top1), "min": min(top1), "max": max(top1), "n": len(rs),

@@ -12,6 +12,8 @@ BITS_ORDER = ["W8A8", "W6A6", "W4A8", "W4A4", "W3A3"]
 def _cell(s: dict[str, Any] | None) -> str:
     if s is None:
         return "–"
+    if "refused" in s:
+        return "refused"
     if s["n"] == 1:
         return f"{s['top1']:.2f}"
     return f"{s['top1']:.2f} ({s['min']:.1f}–{s['max']:.1f})"
@@ -55,7 +57,8 @@ def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | Non
             cells = []
             for b in bits:
                 s = summary.get((model, variant, m, b))
-                cells.append("–" if s is None else f"{s['calib_seconds']:.1f} s / {s['peak_rss_mb']:.0f} MB")
+                cells.append("–" if s is None or "refused" in s else
+                             f"{s['calib_seconds']:.1f} s / {s['peak_rss_mb']:.0f} MB")
             cost.append([m, *cells])
         out.append(format_table(["method", *bits], cost))
         out.append("")
@@ -67,7 +70,7 @@ def render_summary(records: list[dict[str, Any]], bits: tuple[str, ...] = ("W4A4
     """One row per method, one column per (model, variant, bits): the low-bit results side by side,
     methods sorted by their mean top-1 over those columns (best first)."""
     labels = labels or {}
-    summary = summarize(records)
+    summary = {k: v for k, v in summarize(records).items() if "refused" not in v}  # refusals: per-model tables
     models = list(dict.fromkeys((r["model"], r["variant"]) for r in records))
     cols = [(m, v, b) for m, v in models for b in bits if any(k[:2] == (m, v) and k[3] == b for k in summary)]
     methods = _ordered([m for m in dict.fromkeys(k[2] for k in summary) if m != "float"], method_order)
