@@ -100,7 +100,10 @@ def main() -> int:
              "", "Consumers = the input sites of the layers reading those norms (qkv, fc1 of every block, the head). "
              "`first N`: how many of the first N offenders (ranked by the measured KL with only that site "
              "quantized) are consumers; `ranks`: each consumer's rank among all points; `channels`: consumers "
-             "whose top-6 channels by max |x| are exactly the injected six.", "",
+             "whose top-6 channels by max |x| are exactly the injected six. The statistics are of the tensors the "
+             "method's quantizers see: RepQ-ViT folds the post-LN channel scales into the norms before that (its "
+             "reparameterization), so only the head input, which it leaves alone, still shows the injected "
+             "channels.", "",
              format_table(["config", "top-1 %", "first N", "worst point", "its KL", "consumer ranks", "channels",
                            "s"], rows), "",
              "RepQ-ViT handles the post-LN outlier channels of qkv and fc1 by its channel-wise → layer-wise "

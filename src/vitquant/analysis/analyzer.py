@@ -190,7 +190,7 @@ def analyze(model: nn.Module, config: QuantConfig | str = "w4a4", calib: Any = "
         channel_profiles={p: stats[p].channel_profile() for p in points if p in acts and p in stats},
         grids=grids, notes=notes,
         machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads",
+                f"{torch.get_num_threads()} thread(s)",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     analysis.offenders = [p for p in analysis.ranked("kl") if (points[p].get("kl") or 0.0) > 0.0]
     if eval_data is not None:

@@ -55,7 +55,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model = vitquant.load_model(args.model, args.checkpoint, check=_architecture_check(config, found))
     if not args.allow_nonfinite:
         refuse_nonfinite(model, f"model {args.model!r}")
-    name = args.model
+    from pathlib import Path
+
+    name = Path(args.model).name if Path(args.model).is_file() else args.model  # a file: its name, not its path
     if args.stress:
         from vitquant.bench import STRESS
         from vitquant.models.outliers import inject_ln_outliers
