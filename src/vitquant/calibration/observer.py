@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from vitquant.profiling import release_memory
 from vitquant.quantizers.ranges import channels_last_2d
 
 # 2 MiB of float32 per observed site. Every site of the reference models fits whole at 32 images (the
@@ -49,6 +50,7 @@ class ReservoirObserver:
             keep = keys.topk(cap).indices
             rows, keys = rows[keep], keys[keep]
         self.rows, self.keys = rows, keys
+        release_memory()  # the copies above are activation-sized: see profiling.release_memory
 
     @property
     def empty(self) -> bool:

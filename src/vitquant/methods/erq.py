@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from vitquant.calibration.engine import UnitInputs, UnitStream, run_unit
 from vitquant.methods.repq_vit import RepQOptions, RepQViT
 from vitquant.models.qmodules import QuantLinear
+from vitquant.profiling import release_memory
 from vitquant.quantizers import RangeRule, UniformQuantizer
 
 
@@ -248,6 +249,7 @@ class ERQ(RepQViT):
                 bar.update()
             with reference.bypassed():
                 f_stream.outputs()  # while the reference is float
+            release_memory()  # this unit's activations (see profiling.release_memory)
         bar.close()
 
     def _reduce_errors(self, ctx, opts: ERQOptions, rule: RangeRule, name: str, layer: QuantLinear,

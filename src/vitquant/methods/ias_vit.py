@@ -73,6 +73,8 @@ class IaSViTOptions:
     etas: tuple[float, ...] = DEFAULT_ETAS
     act_candidates: tuple[float, ...] = ACT_PERCENTILES
     weight_candidates: tuple[float, ...] = WEIGHT_PERCENTILES
+    early_stop: float = 0.0  # stop a unit's stage when its loss plateaus (reconstruction.py); 0: every step
+    bf16: bool = False  # reconstruction forwards under bfloat16 autocast
 
     def __post_init__(self) -> None:
         if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 0):
@@ -91,7 +93,8 @@ class IaSViTOptions:
     def reconstruction(self, weights: str, inputs: str, iters: int, seed: int) -> ReconstructionOptions:
         # every quantizer parameter stays frozen in both stages: only weights and biases learn
         return ReconstructionOptions(iters=iters, batch_size=self.batch_size, weights=weights, inputs=inputs,
-                                     learn_act_scales=False, weight_lr=self.lr, seed=seed)
+                                     learn_act_scales=False, weight_lr=self.lr, seed=seed,
+                                     early_stop=self.early_stop, bf16=self.bf16)
 
 
 def paper_iters(w_bits: int, a_bits: int) -> int:

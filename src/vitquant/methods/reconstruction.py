@@ -56,6 +56,7 @@ from vitquant.errors import VitquantError
 from vitquant.models.dispatch import quiet
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
 from vitquant.models.quantized import QuantizedModel
+from vitquant.profiling import release_memory
 from vitquant.quantizers import UniformQuantizer
 from vitquant.quantizers.adaround import AdaRoundWeight, beta_schedule
 from vitquant.quantizers.ste import LearnedScaleUniform, StraightThrough
@@ -78,6 +79,11 @@ class ReconstructionOptions:
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
     seed: int = 0
+    # stop a unit once the mean loss of a window of steps (iters/20, at least 10) improves on the previous
+    # window's by less than this fraction (0: run every iteration); not with AdaRound, whose rounding
+    # regulariser needs its whole annealing schedule
+    early_stop: float = 0.0
+    bf16: bool = False  # optimisation forwards under bfloat16 autocast (the measured MSEs stay float32)
 
     def __post_init__(self) -> None:
         def bad(what: str) -> VitquantError:
@@ -101,6 +107,11 @@ class ReconstructionOptions:
             raise bad(f"beta must be (start, end) > 0, got {self.beta!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise bad(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if not 0.0 <= self.early_stop < 1.0:
+            raise bad(f"early_stop must be a fraction in [0, 1), got {self.early_stop!r}")
+        if self.early_stop and self.weights == "adaround":
+            raise bad("early_stop needs weights other than 'adaround' (AdaRound's rounding regulariser anneals "
+                      "over all iterations)")
 
 
 @dataclass
@@ -108,6 +119,7 @@ class UnitResult:
     mse_before: float  # mean squared error of the unit's output vs the float output, on all images
     mse_after: float
     seconds: float
+    iters: int = 0  # optimisation steps run (fewer than asked when stopped early)
 
 
 # -- structure ---------------------------------------------------------------------------------------
@@ -247,9 +259,28 @@ def _channel_dim(qmodel: QuantizedModel, name: str, out: torch.Tensor) -> int:
     return 1 if isinstance(last, QuantConv2d) and out.dim() == 4 else -1
 
 
+class _Plateau:
+    """Early stop: the mean loss of each window of steps against the previous window's."""
+
+    def __init__(self, iters: int, tolerance: float) -> None:
+        self.window, self.tolerance = max(10, iters // 20), tolerance
+        self.losses: list[float] = []
+        self.previous: float | None = None
+
+    def stop(self, loss: torch.Tensor) -> bool:
+        if not self.tolerance:
+            return False
+        self.losses.append(float(loss))
+        if len(self.losses) < self.window:
+            return False
+        mean, self.losses = sum(self.losses) / len(self.losses), []
+        previous, self.previous = self.previous, mean
+        return previous is not None and previous - mean < self.tolerance * previous
+
+
 def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Tensor, name: str,
                       images: torch.Tensor, opts: ReconstructionOptions, gen: torch.Generator,
-                      progress: bool, chained_input: torch.Tensor | None) -> tuple[UnitResult, UnitInputs]:
+                      bar: tqdm, chained_input: torch.Tensor | None) -> tuple[UnitResult, UnitInputs]:
     t0 = time.perf_counter()
     unit = qmodel.submodule(name)
     if opts.inputs == "float":
@@ -261,6 +292,7 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
     mse_before = _mse(unit, x_in, f_out, opts.batch_size)
     channel_dim = _channel_dim(qmodel, name, f_out)
     trainer = _UnitTrainer(unit, opts, gen)
+    done = 0
     try:
         groups = trainer.param_groups()
         if groups and opts.iters > 0:
@@ -269,25 +301,32 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, [cosine if g["cosine"] else (lambda s: 1.0) for g in groups])
             n, bs = len(x_in), min(opts.batch_size, len(x_in))
-            bar = tqdm(range(opts.iters), desc=f"reconstructing {name}", unit="it", leave=False, disable=not progress)
+            bar.set_description(f"reconstructing {name}")
+            plateau = _Plateau(opts.iters, opts.early_stop)
             trainer.set_dropping(True)
             with torch.enable_grad():
-                for step in bar:
+                for step in range(opts.iters):
                     idx = torch.randperm(n, generator=gen)[:bs]
-                    rec = _rec_loss(run_unit(unit, x_in, idx), f_out[idx], channel_dim)
+                    with torch.autocast(f_out.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+                        rec = _rec_loss(run_unit(unit, x_in, idx), f_out[idx], channel_dim)
                     reg = trainer.regularizer(step)
                     loss = rec if reg is None else rec + reg
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     schedule.step()
+                    done += 1
+                    bar.update()
                     if step % 10 == 0 or step == opts.iters - 1:
                         bar.set_postfix(loss=f"{rec.item():.4g}")
+                    if plateau.stop(rec.detach()):
+                        break
             trainer.set_dropping(False)
     finally:
         trainer.finish()
+    bar.update(opts.iters - done)  # steps not run (stopped early, nothing to learn) leave the total honest
     mse_after = _mse(unit, x_in, f_out, opts.batch_size)
-    return UnitResult(mse_before, mse_after, time.perf_counter() - t0), x_in
+    return UnitResult(mse_before, mse_after, time.perf_counter() - t0, done), x_in
 
 
 def reconstruct_blocks(
@@ -316,13 +355,18 @@ def reconstruct_blocks(
             # once, memory holds one unit's tensors)
             stream = UnitStream(teacher, images, opts.batch_size)
             nxt = None
+            # one bar over every unit's steps: its ETA is the whole reconstruction's
+            bar = tqdm(total=len(units) * opts.iters, desc="reconstructing", unit="it", leave=False,
+                       disable=not progress)
             for name in units:
                 f_in = stream.inputs(name, chained[name])
                 f_out = stream.outputs()
-                results[name], x_in = _reconstruct_unit(qmodel, f_in, f_out, name, images, opts, gen, progress,
+                results[name], x_in = _reconstruct_unit(qmodel, f_in, f_out, name, images, opts, gen, bar,
                                                         nxt if chained[name] else None)
+                release_memory()  # the unit's activations and gradients (see profiling.release_memory)
                 # what the next unit receives from this one, now that it is reconstructed
                 nxt = unit_outputs(qmodel.submodule(name), x_in, opts.batch_size) if opts.inputs == "quantized" else None
+            bar.close()
     finally:
         qmodel.train(was_training)
     return results

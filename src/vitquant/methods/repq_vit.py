@@ -68,7 +68,8 @@ class RepQViT(Method):
         fit_activations(qmodel, observers, choose, plan)
         for mapping in mappings:
             reparameterize_post_ln(qmodel, mapping, self.layerwise_scale_choice(opts))
-        fit_weights(qmodel, plan, rule)  # the weights changed
+        # the reparameterized layers' weights changed (the others' fits would come out the same)
+        fit_weights(qmodel, plan, rule, only={n for m in mappings for n in m.layers})
 
     # hooks for methods that are RepQ-ViT with one part swapped (DopQ-ViT)
     def softmax_quantizer(self, bits: int) -> Quantizer:

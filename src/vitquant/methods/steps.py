@@ -12,12 +12,17 @@ from vitquant.methods.deployable import deployable_plan
 from vitquant.models.qmodules import ActSite, QuantLinear
 from vitquant.models.quantized import QuantizedModel
 from vitquant.plan import SitePlan
+from vitquant.profiling import release_memory
 from vitquant.quantizers import Quantizer, RangeRule, UniformQuantizer
 
 
-def fit_weights(qmodel: QuantizedModel, plan: SitePlan, rule: RangeRule, symmetric: bool = False) -> None:
-    """Per-output-channel weight quantizers for every Linear and Conv the plan quantizes."""
+def fit_weights(qmodel: QuantizedModel, plan: SitePlan, rule: RangeRule, symmetric: bool = False,
+                only: set[str] | None = None) -> None:
+    """Per-output-channel weight quantizers for every Linear and Conv the plan quantizes (or the layers
+    named in `only`)."""
     for name, layer in qmodel.weight_layers().items():
+        if only is not None and name not in only:
+            continue
         bits = plan.weight(name)
         if bits is None:
             layer.weight_enabled, layer.weight_quantizer = False, None
@@ -192,3 +197,5 @@ def capture_by_units(qmodel: QuantizedModel, units: list, images: torch.Tensor, 
                                             [qmodel.structure.core(c) for c in u.cores], batches, with_grad,
                                             subsample, run=run)
             yield u, layer_caps, core_caps
+            del layer_caps, core_caps
+            release_memory()  # this unit's tensors (see profiling.release_memory)

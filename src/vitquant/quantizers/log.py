@@ -35,9 +35,15 @@ class _LogQuantizer(Quantizer):
         return torch.clamp(raw, 0, 2**self.bits - 1), underflow
 
     def _fake(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        q, underflow = self._codes(x, scale)
-        x_hat = scale * torch.exp2(-q / self.steps_per_octave)
-        return torch.where(underflow, torch.zeros_like(x_hat), x_hat)
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+            q, underflow = self._codes(x, scale)
+            x_hat = scale * torch.exp2(-q / self.steps_per_octave)
+            return torch.where(underflow, torch.zeros_like(x_hat), x_hat)
+        # the same operations in place on one tensor (same values; fewer large allocations, see uniform.py)
+        t = torch.div(x, scale).clamp_min_(0).log2_().mul_(-self.steps_per_octave).round_()
+        underflow = t >= 2**self.bits
+        t.clamp_(0, 2**self.bits - 1).neg_().div_(self.steps_per_octave).exp2_().mul_(scale)
+        return t.masked_fill_(underflow, 0.0)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, underflow mask): underflowed values dequantize to 0 whatever their code."""

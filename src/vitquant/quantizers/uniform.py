@@ -58,17 +58,26 @@ class UniformQuantizer(Quantizer):
         shape[self.channel_axis] = -1
         return t.reshape(shape)
 
+    # The arithmetic runs in place on one fresh tensor: the same operations in the same order (so the
+    # same values) as clamp(round(x / s) + z, qmin, qmax), without a new tensor per step — on a CPU each
+    # large new tensor costs page faults that took longer than the arithmetic itself.
     def quantize(self, x: torch.Tensor, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None):
         """Integer codes (as float) of x."""
         s = self._broadcast(self.scale if scale is None else scale, x)
         z = self._broadcast(self.zero_point if zero_point is None else zero_point, x)
-        return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
+        q = torch.div(x, s)
+        if q.requires_grad:  # autograd cannot differentiate in-place rounding of its input here
+            return torch.clamp(torch.round(q) + z, self.qmin, self.qmax)
+        return q.round_().add_(z).clamp_(self.qmin, self.qmax)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         return (q - self._broadcast(self.zero_point, q)) * self._broadcast(self.scale, q)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequantize(self.quantize(x))
+        q = self.quantize(x)
+        if q.requires_grad:
+            return self.dequantize(q)
+        return q.sub_(self._broadcast(self.zero_point, q)).mul_(self._broadcast(self.scale, q))
 
     # -- fitting ------------------------------------------------------------------------------------
     def fit(self, x: torch.Tensor, rule: RangeRule, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None):
@@ -84,8 +93,9 @@ class UniformQuantizer(Quantizer):
         best_err, best = None, None
         for c_lo, c_hi in cands:
             s, z = self.params_for_range(c_lo, c_hi)
-            q = torch.clamp(torch.round(rows / s) + z, self.qmin, self.qmax)
-            err = ((q - z) * s - rows).pow(2).mean(dim=0)  # per channel: channels are independent
+            # ((clamp(round(rows / s) + z) − z)·s − rows)², in place (see quantize)
+            err = torch.div(rows, s).round_().add_(z).clamp_(self.qmin, self.qmax).sub_(z).mul_(s).sub_(rows)
+            err = err.square_().mean(dim=0)  # per channel: channels are independent
             if best is None:
                 best_err, best = err, (s, z)
             else:
