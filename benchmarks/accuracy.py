@@ -32,16 +32,22 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--store", default=str(HERE / "results" / "accuracy_runs.jsonl"))
     p.add_argument("--out", default=str(HERE / "results" / "accuracy.md"))
+    p.add_argument("--models", default="bundled,d12,swin", help="comma-separated subset of bundled,d12,swin")
+    p.add_argument("--no-stress", action="store_true", help="natural variants only")
     p.add_argument("--render-only", action="store_true", help="only rewrite the markdown from the store")
     args = p.parse_args()
-    models = ["bundled"] + [str(p.relative_to(HERE.parent)) for p in (D12, SWIN) if p.exists()]
-    for p in (D12, SWIN):
+    wanted = set(args.models.split(","))
+    if wanted - {"bundled", "d12", "swin"}:
+        p.error(f"unknown models {sorted(wanted - {'bundled', 'd12', 'swin'})}: choose among bundled, d12, swin")
+    chosen = [path for key, path in (("d12", D12), ("swin", SWIN)) if key in wanted]
+    models = ["bundled"] * ("bundled" in wanted) + [str(p.relative_to(HERE.parent)) for p in chosen if p.exists()]
+    for p in chosen:
         if not p.exists():
             print(f"note: {p} not found, not benchmarked (see the docstring to train it)", file=sys.stderr)
     store = ResultsStore(args.store)
     if not args.render_only:
         spec = SweepSpec(models=models, methods=args.methods.split(","), bits=args.bits.split(","),
-                         seeds=[int(s) for s in args.seeds.split(",")])
+                         seeds=[int(s) for s in args.seeds.split(",")], stress=not args.no_stress)
         os.chdir(HERE.parent)  # model paths in the store are relative to the repository
         run_sweep(spec, store)
     header = [
