@@ -45,11 +45,11 @@ def _cell(rec: dict) -> tuple:
 
 
 def render(old: list[dict], new: list[dict], commit: str, baseline: list[dict] | None = None) -> str:
-    before = {_cell(r): r["top1"] for r in old if r.get("seed") == 0}
-    rerun = {_cell(r): r["top1"] for r in (baseline or []) if r.get("seed") == 0}
+    before = {_cell(r): r["top1"] for r in old if r.get("seed") == 0 and "top1" in r}
+    rerun = {_cell(r): r["top1"] for r in (baseline or []) if r.get("seed") == 0 and "top1" in r}
     rerun_models = {k[0] for k in rerun}
     before = {k: v for k, v in before.items() if k[0] not in rerun_models} | rerun
-    after = {_cell(r): r["top1"] for r in new if r.get("seed") == 0}
+    after = {_cell(r): r["top1"] for r in new if r.get("seed") == 0 and "top1" in r}
     cells = sorted(k for k in after if k in before)
     same = sum(after[k] == before[k] for k in cells)
     within = sum(abs(after[k] - before[k]) <= TOLERANCE + 1e-9 for k in cells)

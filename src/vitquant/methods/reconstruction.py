@@ -171,10 +171,14 @@ def _weights_float(qmodel: QuantizedModel, on: bool) -> Iterator[None]:
 class _UnitTrainer:
     """Installs the training views of one unit, collects what learns, and restores the unit after."""
 
-    def __init__(self, unit: nn.Module, opts: ReconstructionOptions, gen: torch.Generator) -> None:
+    def __init__(self, unit: nn.Module, opts: ReconstructionOptions, gen: torch.Generator,
+                 quantized: set[str]) -> None:
         self.unit, self.opts = unit, opts
         self.sites = [m for m in unit.modules() if isinstance(m, ActSite) and m.enabled and m.quantizer is not None]
-        self.layers = [m for m in unit.modules() if isinstance(m, QuantLinear | QuantConv2d)]
+        # only the structure's quantized layers learn: a layer the structure leaves float (one computing
+        # from constants only, e.g. a relative-position MLP) or the plan keeps float stays as it is
+        self.layers = [m for m in unit.modules() if isinstance(m, QuantLinear | QuantConv2d)
+                       and m.name in quantized and m.weight_enabled]
         self.requires_grad = {p: p.requires_grad for p in unit.parameters()}
         unit.requires_grad_(False)
         self.site_views, self.weight_views = [], []
@@ -291,7 +295,7 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
         x_in = unit_io(qmodel, name, images, opts.batch_size, with_output=False)[0]
     mse_before = _mse(unit, x_in, f_out, opts.batch_size)
     channel_dim = _channel_dim(qmodel, name, f_out)
-    trainer = _UnitTrainer(unit, opts, gen)
+    trainer = _UnitTrainer(unit, opts, gen, set(qmodel.structure.layers))
     done = 0
     try:
         groups = trainer.param_groups()
