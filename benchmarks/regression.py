@@ -80,10 +80,11 @@ def render(old: list[dict], new: list[dict], commit: str, baseline: list[dict] |
                     row.append(f"{before[k]:.1f} → {after[k]:.1f} ({mark})")
                 lines.append(f"| {method} | " + " | ".join(row) + " |")
             lines.append("")
-    missing = sorted(k for k in before if k not in after and k[2] != "float")
+    missing = sorted(k for k in before if k not in after and k[2] != "float" and k[0] in {c[0] for c in after})
     if missing:
         lines += [f"Not re-run ({len(missing)} cells): " + ", ".join("/".join(k) for k in missing[:12]), ""]
-    return "\n".join(lines) + "\n"
+    notes = HERE / "results" / "regression_notes.md"  # hand-written: what each difference is, measured
+    return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.exists() else "")
 
 
 def main() -> int:
