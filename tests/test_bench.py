@@ -95,6 +95,24 @@ def test_store_reads_what_another_writer_appended(tmp_path):
     assert [r["seed"] for r in ResultsStore(tmp_path / "s.jsonl").records] == [0, 1]
 
 
+def test_a_store_with_its_own_key_reopens_its_records(tmp_path):
+    """Benchmarks keep other records (architectures: family × method) under their own key: reopening such
+    a store to resume must read them, and a record without the key's fields is still refused."""
+    import pytest
+
+    from vitquant.errors import VitquantError
+
+    def key(r):
+        return r["family"], r["method"]
+
+    path = tmp_path / "arch.jsonl"
+    ResultsStore(path, key=key).append({"family": "timm Swin", "method": "minmax", "cosine": 0.999})
+    again = ResultsStore(path, key=key)
+    assert again.done({"family": "timm Swin", "method": "minmax"}) and len(again.records) == 1
+    with pytest.raises(VitquantError, match="not a vitquant results store"):
+        ResultsStore(path)  # the default key needs model/variant/method/bits/seed
+
+
 def test_refused_runs_are_kept_and_shown_not_averaged():
     from vitquant.bench import summarize
     from vitquant.report.accuracy import render_accuracy

@@ -132,7 +132,8 @@ class ResultsStore:
                 continue
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or not all(k in rec for k in KEY_FIELDS):
+                # a custom key says itself what a record needs (its KeyError below)
+                if not isinstance(rec, dict) or (self.key is _key and not all(k in rec for k in KEY_FIELDS)):
                     raise ValueError("not a run record")
                 key = self.key(rec)
                 hash(key)
