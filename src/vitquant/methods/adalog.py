@@ -205,7 +205,7 @@ class AdaLog(Method):
         bits = self._bits(site)
 
         def input_error(s, z):  # per channel
-            return (uniform_fake(x[None], s[:, None], z[:, None], bits) - x).pow(2).mean(1)
+            return uniform_fake(x[None], s[:, None], z[:, None], bits).sub_(x).square_().mean(1)
 
         s, z = self.search.search_uniform(input_error, x, bits, x.numel(), extremes=extremes)
         site.quantizer = _uniform(bits, s, z, site.name, channel_axis=site.channel_axis)
@@ -231,7 +231,7 @@ class AdaLog(Method):
             extra = (site.quantizer.scale, site.quantizer.zero_point)
 
         def w_self(s, z):
-            return (uniform_fake(W[None], s[..., None], z[..., None], w_bits) - W).pow(2).mean(-1)
+            return uniform_fake(W[None], s[..., None], z[..., None], w_bits).sub_(W).square_().mean(-1)
 
         ws, wz = self.search.search_uniform(w_self, W.t(), w_bits, W.numel())
         if a_bits is None:
@@ -243,7 +243,7 @@ class AdaLog(Method):
             rows = x.reshape(-1, 1)
 
             def a_self(s, z):
-                return (uniform_fake(x[None], s[..., None], z[..., None], a_bits) - x).pow(2).mean((1, 2))[:, None]
+                return uniform_fake(x[None], s[..., None], z[..., None], a_bits).sub_(x).square_().mean((1, 2))[:, None]
 
             act = _uniform(a_bits, *self.search.search_uniform(a_self, rows, a_bits, x.numel(),
                                                                [extra] if extra is not None else [], tensor_ext),
@@ -256,7 +256,10 @@ class AdaLog(Method):
 
             def w_out(s, z):
                 wq = uniform_fake(W[None], s[..., None], z[..., None], w_bits)  # [k, out, in]
-                return (xq @ wq.transpose(1, 2) + (0 if bias is None else bias) - y).pow(2).mean(1)
+                o = xq @ wq.transpose(1, 2)
+                if bias is not None:
+                    o.add_(bias)
+                return o.sub_(y).square_().mean(1)
 
             ws, wz = self.search.search_uniform(w_out, W.t(), w_bits, n * c_out + W.numel(), [(ws, wz)])
             if act is None or adalog:
@@ -265,7 +268,7 @@ class AdaLog(Method):
 
             def a_out(s, z):
                 out = F.linear(uniform_fake(x[None], s[..., None], z[..., None], a_bits), wq, bias)
-                return (out - y).pow(2).mean((1, 2))[:, None]
+                return out.sub_(y).square_().mean((1, 2))[:, None]
 
             starts = [(act.scale, act.zero_point)] + ([extra] if extra is not None else [])
             act = _uniform(a_bits, *self.search.search_uniform(a_out, x.reshape(-1, 1), a_bits, n * (c_in + c_out),
@@ -278,7 +281,7 @@ class AdaLog(Method):
         W = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
 
         def w_self(s, z):
-            return (uniform_fake(W[None], s[..., None], z[..., None], w_bits) - W).pow(2).mean(-1)
+            return uniform_fake(W[None], s[..., None], z[..., None], w_bits).sub_(W).square_().mean(-1)
 
         ws, wz = self.search.search_uniform(w_self, W.t(), w_bits, W.numel())
         layer.weight_quantizer = _uniform(w_bits, ws, wz, f"{layer.name}.weight", channel_axis=0)
@@ -288,7 +291,7 @@ class AdaLog(Method):
             return
 
         def a_self(s, z):
-            return (uniform_fake(x[None], s[..., None], z[..., None], a_bits) - x).pow(2).mean((1, 2))[:, None]
+            return uniform_fake(x[None], s[..., None], z[..., None], a_bits).sub_(x).square_().mean((1, 2))[:, None]
 
         site.quantizer = _uniform(a_bits, *self.search.search_uniform(a_self, x.reshape(-1, 1), a_bits, x.numel()),
                                   site.name)
@@ -304,9 +307,10 @@ class AdaLog(Method):
         codes, under = adalog_codes(x, s, q, self.opts.r, bits, shift)
         if self.opts.table == "exact":
             q = torch.as_tensor(q, dtype=torch.float32, device=x.device)
-            value = (torch.exp2(codes * (-q / self.opts.r)) * s).masked_fill_(under, 0.0)
-        else:
-            value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
+            # in place on the fresh codes tensor: the same operations and values as
+            # (exp2(codes · (−q/r)) · s).masked_fill(under, 0) − shift
+            return codes.mul_(-q / self.opts.r).exp2_().mul_(s).masked_fill_(under, 0.0).sub_(shift)
+        value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
         return value - shift
 
     def _search_post_gelu(self, act: AdaLogQuantizer, x, wq, bias, y, x_max) -> None:
@@ -317,7 +321,7 @@ class AdaLog(Method):
 
         def out_error(s, q):
             xh = self._adalog_fake(x[None], s[..., None], q[..., None], bits, GELU_SHIFT)
-            return (F.linear(xh, wq, bias) - y).pow(2).mean((1, 2))[:, None]
+            return F.linear(xh, wq, bias).sub_(y).square_().mean((1, 2))[:, None]
 
         qs = self._q_candidates(x.device)
         err = evaluate(out_error, act.scale.expand(len(qs), 1), qs, floats)
@@ -361,14 +365,14 @@ class AdaLog(Method):
             kq = fq_k(kt, ks[0][:, None, None], ks[1][:, None, None])
 
             def q_err(s, z):
-                return ((fq_q(q[None], bc(s), bc(z)) @ kq) - y).pow(2).mean((1, 3, 4))
+                return (fq_q(q[None], bc(s), bc(z)) @ kq).sub_(y).square_().mean((1, 3, 4))
 
             if qb is not None:
                 qs = self.search.search_uniform(q_err, heads(q), qb, floats, [qs], q_ext)
             qq = fq_q(q, qs[0][:, None, None], qs[1][:, None, None])
 
             def k_err(s, z):
-                return ((qq @ fq_k(kt[None], bc(s), bc(z))) - y).pow(2).mean((1, 3, 4))
+                return (qq @ fq_k(kt[None], bc(s), bc(z))).sub_(y).square_().mean((1, 3, 4))
 
             if kb is not None:
                 ks = self.search.search_uniform(k_err, heads(kt), kb, floats, [ks], k_ext)
@@ -393,7 +397,7 @@ class AdaLog(Method):
 
                 def q_err(s, q):  # s = 1 (softmax ≤ 1), one base for the whole layer
                     a = self._adalog_fake(probs[None], s[..., None, None, None], q[..., None, None, None], pb, 0.0)
-                    return (a @ vq - y).pow(2).mean((1, 2, 3, 4))[:, None]
+                    return (a @ vq).sub_(y).square_().mean((1, 2, 3, 4))[:, None]
 
                 err = evaluate(q_err, one.expand(len(qs), 1), qs, floats)
                 best_q = int(qs[err[:, 0].argmin(), 0])
@@ -402,8 +406,8 @@ class AdaLog(Method):
                 pq = probs
 
             def v_err(s, z):
-                return ((pq @ fq_v(v[None], s[:, None, :, None, None], z[:, None, :, None, None])) - y
-                        ).pow(2).mean((1, 3, 4))
+                return (pq @ fq_v(v[None], s[:, None, :, None, None], z[:, None, :, None, None])).sub_(y).square_(
+                ).mean((1, 3, 4))
 
             if vb is not None:
                 vs = self.search.search_uniform(v_err, heads, vb, floats, [vs], v_ext)
