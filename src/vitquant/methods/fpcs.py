@@ -28,7 +28,7 @@ import torch
 from vitquant.quantizers.ranges import RangeRule, candidate_ranges
 
 _EPS = 1e-8
-CHUNK_FLOATS = 2**23  # largest intermediate of one candidate chunk, in floats (32 MiB)
+CHUNK_FLOATS = 2**20  # largest intermediate of one candidate chunk, in floats (4 MiB)
 PERCENTILE = 0.9  # the inner end of the candidate ranges (the code's l = 0.9, r = 1.0)
 
 # loss(scale [k, G], aux [k, G]) -> [k, G] error of each of k candidates, per group
