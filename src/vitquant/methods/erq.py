@@ -98,8 +98,14 @@ class RidgeStatistics:
         self.rows = 0
 
     def design(self, x_q: torch.Tensor) -> torch.Tensor:
-        a = x_q.reshape(-1, self.in_features).double()
-        return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if self.bias else a
+        x = x_q.reshape(-1, self.in_features)
+        if not self.bias:
+            return x.double()
+        # [x̄, 1] written into one buffer: the values of cat([x̄.double(), 1]) without a second copy
+        a = torch.empty(x.shape[0], self.in_features + 1, dtype=torch.float64, device=x.device)
+        a[:, :self.in_features].copy_(x)
+        a[:, self.in_features] = 1.0
+        return a
 
     def update(self, x_q: torch.Tensor, y: torch.Tensor) -> None:
         a = self.design(x_q)
@@ -287,6 +293,9 @@ class ERQ(RepQViT):
             y = F.linear(x_float, ref_layer.weight, ref_layer.bias)
             # sequential: the input this layer really gets once everything before it is quantized
             x_q = _layer_input(q_unit, layer, q_in, idx) if sequential else layer.input_site(x_float)
+            del x_float
             stats.update(x_q, y)
+            del x_q, y
+            release_memory()  # this batch's activations (see profiling.release_memory)
         return stats
 
