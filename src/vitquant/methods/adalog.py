@@ -331,14 +331,19 @@ class AdaLog(Method):
         value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
         return value - shift
 
-    def _softmax_fake(self, neg_log: torch.Tensor | None, q: torch.Tensor, bits: int) -> torch.Tensor:
-        """`_adalog_fake(probs, 1, q, bits, 0)` from neg_log = −log2(probs) (exact table): the same operations
-        on the same values, so the same result."""
+    def _fake_from_log(self, neg_log: torch.Tensor, q: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
+                       shift: float = 0.0) -> torch.Tensor:
+        """`_adalog_fake(x, s, q, bits, shift)` (exact table) for candidates that share one scale s, from
+        neg_log = −log2(((x + shift) / s).clamp_min(0)), computed once instead of once per candidate: the
+        same operations on the same values, so the same result. scale None: s = 1 (· 1 left out)."""
         q = torch.as_tensor(q, dtype=torch.float32, device=neg_log.device)
         raw = (neg_log[None] * (self.opts.r / q)).round_()
         under = raw >= 2**bits
-        # · s and − shift of _adalog_fake are · 1 and − 0 here: identities, left out
-        return raw.clamp_(0, 2**bits - 1).mul_(-q / self.opts.r).exp2_().masked_fill_(under, 0.0)
+        out = raw.clamp_(0, 2**bits - 1).mul_(-q / self.opts.r).exp2_()
+        if scale is not None:
+            out.mul_(scale)
+        out.masked_fill_(under, 0.0)
+        return out.sub_(shift) if shift else out
 
     def _search_post_gelu(self, act: AdaLogQuantizer, x, wq, bias, y, x_max) -> None:
         """FPCS's combining search of (base, scale): the best top_k bases at the current scale, each
@@ -351,7 +356,15 @@ class AdaLog(Method):
             return F.linear(xh, wq, bias).sub_(y).square_().mean((1, 2))[:, None]
 
         qs = self._q_candidates(x.device)
-        err = evaluate(out_error, act.scale.expand(len(qs), 1), qs, floats)
+        if self.opts.table == "exact":  # every base at the current scale: −log2 of the ratio once
+            neg_log = ((x + GELU_SHIFT) / act.scale).clamp_min(0).log2_().neg_()
+
+            def first_error(s, q):
+                xh = self._fake_from_log(neg_log, q[..., None], bits, act.scale, GELU_SHIFT)
+                return F.linear(xh, wq, bias).sub_(y).square_().mean((1, 2))[:, None]
+        else:
+            first_error = out_error
+        err = evaluate(first_error, act.scale.expand(len(qs), 1), qs, floats)
         top_q = qs[err[:, 0].topk(min(self.opts.top_k, len(qs)), largest=False).indices]  # [k, 1]
         pos = x[x > 0]
         # the code's candidates: from the 90th percentile of the positive inputs to the maximum, + shift
@@ -429,7 +442,7 @@ class AdaLog(Method):
                     if neg_log is None:
                         a = self._adalog_fake(probs[None], s[..., None, None, None], q[..., None, None, None], pb, 0.0)
                     else:
-                        a = self._softmax_fake(neg_log, q[..., None, None, None], pb)
+                        a = self._fake_from_log(neg_log, q[..., None, None, None], pb)
                     return (a @ vq).sub_(y).square_().mean((1, 2, 3, 4))[:, None]
 
                 err = evaluate(q_err, one.expand(len(qs), 1), qs, floats)

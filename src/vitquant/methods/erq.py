@@ -218,6 +218,18 @@ def _layer_input(unit: torch.nn.Module, layer: QuantLinear, inputs: UnitInputs, 
     return captured[0]
 
 
+# Images per forward while gathering a layer's statistics: as many as keep the unit's input within 2^20
+# floats (4 MiB), at most the engine's 32. The sums then hold the same terms, in batches: every reference
+# model (≤ 196 tokens × 48 channels or 17 × 192 per image) still sums all 32 images in one batch, so its
+# results are unchanged; DeiT-S (197 × 384) runs 13 images at a time, which cuts the forward's and the
+# float64 design matrix's transient memory to ~40%.
+STATISTICS_FLOATS = 2**20
+
+
+def _statistics_batch(inputs: UnitInputs, batch_size: int) -> int:
+    return max(1, min(batch_size, STATISTICS_FLOATS // max(1, inputs.x[0].numel())))
+
+
 class ERQ(RepQViT):
     name = "erq"
     summary = "ERQ (ICML'24): RepQ-ViT + ridge-regression activation error reduction + weight rounding refinement"
@@ -249,8 +261,8 @@ class ERQ(RepQViT):
                     continue
                 layer, ref_layer = qmodel.submodule(name), reference.submodule(name)
                 with reference.bypassed():
-                    stats = self._statistics(q_unit, ref_unit, layer, ref_layer, q_in, f_in, batch_size,
-                                             opts.sequential)
+                    stats = self._statistics(q_unit, ref_unit, layer, ref_layer, q_in, f_in,
+                                             _statistics_batch(f_in, batch_size), opts.sequential)
                 self._reduce_errors(ctx, opts, rule, name, layer, stats)
                 bar.update()
             with reference.bypassed():
