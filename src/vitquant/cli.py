@@ -27,7 +27,7 @@ COST_HINTS = {"minmax": "<1 s", "fq-vit": "<1 s", "percentile": "2-6 s", "dopq-v
               "noisyquant": "5-20 s", "erq": "5-30 s", "ptq4vit": "0.5-2 min", "ias-vit": "0.5-3.5 min",
               "adalog": "1.5-3 min"}
 DEIT_S_COST = {"minmax": "2×", "fq-vit": "3×", "percentile": "3×", "repq-vit": "3×", "dopq-vit": "4×",
-               "noisyquant": "11×", "erq": "20×", "ptq4vit": "25×", "adalog": "30×", "ias-vit": "IAS×"}
+               "noisyquant": "11×", "erq": "22×", "ptq4vit": "25×", "adalog": "32×", "ias-vit": "200×"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -279,7 +279,8 @@ def cmd_list(args) -> int:
     from vitquant.models.loading import BUNDLED
 
     print("methods (cost: calibration time of the 12-block 28×28 reference ViT with 32 images on 2 CPU cores;")
-    print("         DeiT-S 224²: CPU time with 32 images in float forwards over them, e.g. 30× ≈ 2 CPU-min):")
+    print("         DeiT-S 224²: CPU time with 32 images in float forwards over them, 30× ≈ 2 CPU-min;")
+    print("         ias-vit there with --opt iters=100 --opt batch_size=8):")
     for name, cls in available_methods().items():
         deit = f"DeiT-S {DEIT_S_COST[name]}" if name in DEIT_S_COST else ""
         print(f"  {name:<12} {COST_HINTS.get(name, '?'):<11} {deit:<12} {cls.summary}")
