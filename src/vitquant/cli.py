@@ -279,8 +279,8 @@ def cmd_list(args) -> int:
     from vitquant.models.loading import BUNDLED
 
     print("methods (cost: calibration time of the 12-block 28×28 reference ViT with 32 images on 2 CPU cores;")
-    print("         DeiT-S 224²: CPU time with 32 images in float forwards over them, 30× ≈ 2 CPU-min;")
-    print("         ias-vit there with --opt iters=100 --opt batch_size=8):")
+    print("         DeiT-S 224²: CPU time with 32 images in float forwards over them, 30× ≈ 2 CPU-min,")
+    print("         for I&S-ViT with --opt iters=100 --opt batch_size=8):")
     for name, cls in available_methods().items():
         deit = f"DeiT-S {DEIT_S_COST[name]}" if name in DEIT_S_COST else ""
         print(f"  {name:<12} {COST_HINTS.get(name, '?'):<11} {deit:<12} {cls.summary}")
