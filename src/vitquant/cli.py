@@ -27,7 +27,7 @@ COST_HINTS = {"minmax": "<1 s", "fq-vit": "<1 s", "percentile": "2-6 s", "dopq-v
               "noisyquant": "5-20 s", "erq": "5-30 s", "ptq4vit": "0.5-2 min", "ias-vit": "0.5-3.5 min",
               "adalog": "1.5-3 min"}
 DEIT_S_COST = {"minmax": "2×", "fq-vit": "3×", "percentile": "3×", "repq-vit": "3×", "dopq-vit": "4×",
-               "noisyquant": "11×", "erq": "22×", "ptq4vit": "25×", "adalog": "32×", "ias-vit": "200×"}
+               "noisyquant": "11×", "erq": "22×", "ptq4vit": "25×", "adalog": "32×", "ias-vit": "180×"}
 
 
 class Parser(argparse.ArgumentParser):
