@@ -21,10 +21,13 @@ from vitquant.errors import VitquantError
 PRESETS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a3")
 GENERATED = ("data-free", "gaussian")
 # Calibration wall time of the 12-block 28×28 reference ViT, 32 images, 2 CPU cores, W8A8..W3A3
-# (benchmarks/results/accuracy.md). A 224² DeiT-T costs far more: PTQ4ViT W4A4 took 12 min there.
+# (benchmarks/results/accuracy.md), and CPU time on timm DeiT-S 224², 32 images, W4A4, 2 threads, in
+# units of one float forward over the same images (benchmarks/results/calibration_cost.md).
 COST_HINTS = {"minmax": "<1 s", "fq-vit": "<1 s", "percentile": "2-6 s", "dopq-vit": "2-6 s", "repq-vit": "4-8 s",
               "noisyquant": "5-20 s", "erq": "5-30 s", "ptq4vit": "0.5-2 min", "ias-vit": "0.5-3.5 min",
               "adalog": "1.5-3 min"}
+DEIT_S_COST = {"minmax": "2×", "fq-vit": "3×", "percentile": "3×", "repq-vit": "3×", "dopq-vit": "4×",
+               "noisyquant": "11×", "erq": "22×", "ptq4vit": "25×", "adalog": "32×", "ias-vit": "180×"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -276,9 +279,11 @@ def cmd_list(args) -> int:
     from vitquant.models.loading import BUNDLED
 
     print("methods (cost: calibration time of the 12-block 28×28 reference ViT with 32 images on 2 CPU cores;")
-    print("         a 224² model costs far more: PTQ4ViT W4A4 took 12 min on DeiT-T):")
+    print("         DeiT-S 224²: CPU time with 32 images in float forwards over them, 30× ≈ 2 CPU-min,")
+    print("         for I&S-ViT with --opt iters=100 --opt batch_size=8):")
     for name, cls in available_methods().items():
-        print(f"  {name:<12} {COST_HINTS.get(name, '?'):<11} {cls.summary}")
+        deit = f"DeiT-S {DEIT_S_COST[name]}" if name in DEIT_S_COST else ""
+        print(f"  {name:<12} {COST_HINTS.get(name, '?'):<11} {deit:<12} {cls.summary}")
     print("bit presets: " + ", ".join(PRESETS) + " (any wXaY with 2 ≤ X, Y ≤ 8)")
     print("bundled models: " + ", ".join(BUNDLED))
     return 0

@@ -54,7 +54,11 @@ class ReservoirObserver:
 
     @property
     def empty(self) -> bool:
-        return self.rows is None
+        return self.rows is None and self.count == 0
+
+    def drop_sample(self) -> None:
+        """Free the sample once it has been used; the extremes (lo, hi) stay."""
+        self.rows = self.keys = None
 
     def sample(self) -> torch.Tensor:
         """[rows, C] sample (C = size of the channel axis)."""

@@ -33,10 +33,12 @@ Deviations from the paper / official code:
   with q ≥ 10 against 37 dB with q ≥ 1; cf. AdaLog issue #2, W8A8 collapse).
 - The post-GELU combining stage keeps top_k bases (the code: 8) and top_k combinations (the code: 32).
 - Rows evaluated: at most `max_rows` = 4096 rows of a layer's input, and fewer where one candidate
-  evaluation would cost more than `search_macs` = 2^27 multiply-adds (at least 256; DeiT-S: 256-910
-  tokens); the attention searches use the operands of as many images as fit that cost (DeiT-S: 8 of
-  32). Samples are seeded; candidate ranges still come from the extremes of every row. The reference
-  models are evaluated whole. Measured effect: benchmarks/results/calibration_cost.md.
+  evaluation would cost more than `search_macs` = 5·2^24 multiply-adds (at least `min_rows` = 128;
+  DeiT-S: 142-569 of 6,304 tokens); the attention searches use the operands of as many images as make
+  one Q·Kᵀ evaluation cost at most `core_macs` = 2^26 (DeiT-S: 4 of 32). Both budgets are the smallest
+  round ones that keep every reference model whole (bundled, 12-block, Swin), so their results are
+  those of the full search. Samples are seeded; candidate ranges still come from the extremes of every
+  row and image. Measured effect: benchmarks/results/calibration_cost.md.
 - The official loader applies timm's *training* transform to the calibration images; vitquant uses
   the model's evaluation preprocessing.
 """
@@ -51,7 +53,7 @@ from tqdm.auto import tqdm
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.fpcs import FPCS, evaluate, uniform_fake
-from vitquant.methods.grid_search import SEARCH_MACS, search_rows
+from vitquant.methods.grid_search import search_rows
 from vitquant.methods.reparam import fold_input_shift
 from vitquant.methods.repq_vit import reparam_mappings, reparameterize_post_ln
 from vitquant.methods.steps import capture_by_units
@@ -59,6 +61,16 @@ from vitquant.models import roles
 from vitquant.models.qmodules import QuantConv2d, QuantLinear
 from vitquant.quantizers import AdaLogQuantizer, UniformQuantizer
 from vitquant.quantizers.adalog import GELU_SHIFT, R_DEFAULT, TABLES, adalog_codes, adalog_dequantize, mantissa_table
+
+
+# AdaLog evaluates ~130 FPCS candidates per search and 138 log bases per attention map, several
+# searches per layer: its samples are smaller than the other searches' (grid_search.SEARCH_MACS), yet
+# every reference model is still evaluated whole. 5·2^24 multiply-adds keep all 544 rows of the bundled
+# and 12-block models' widest Linear (192 × 768) and every Swin reference layer (≤ 58 M for all rows);
+# 2^26 keep all 32 images of their attention maps (Swin stage 1: 14.7 M). DeiT-S at 32 images: 142-569
+# of 6,304 rows, 4 of 32 images.
+ADALOG_SEARCH_MACS = 5 * 2**24
+ADALOG_CORE_MACS = 2**26
 
 
 @dataclass
@@ -75,7 +87,9 @@ class AdaLogOptions:
     reparam_head: bool = False  # also the final norm → head input (not in the paper or code)
     fold_shift: bool = True
     max_rows: int = 4096  # rows (tokens) of a layer's input used by the search, at most
-    search_macs: int = SEARCH_MACS  # fewer rows/images where one candidate evaluation would cost more; 0: off
+    search_macs: int = ADALOG_SEARCH_MACS  # fewer rows where one candidate evaluation would cost more; 0: off
+    min_rows: int = 128  # rows a Linear's search keeps at least
+    core_macs: int = ADALOG_CORE_MACS  # fewer images where one Q·Kᵀ evaluation would cost more; 0: all images
     reconstruct: bool = False
     reconstruct_iters: int = 200
 
@@ -90,8 +104,12 @@ class AdaLogOptions:
             raise ValueError(f"post_gelu must be 'adalog' or 'uniform', got {self.post_gelu!r}")
         if self.rounds < 1 or self.max_rows < 1 or self.r < 1:
             raise ValueError("rounds, max_rows and r must be positive")
-        if not isinstance(self.search_macs, int) or self.search_macs < 0:
-            raise ValueError(f"search_macs must be an integer >= 0 (0: no limit), got {self.search_macs!r}")
+        for name in ("search_macs", "core_macs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: no limit), got {value!r}")
+        if not isinstance(self.min_rows, int) or self.min_rows < 1:
+            raise ValueError(f"min_rows must be a positive integer, got {self.min_rows!r}")
 
 
 def reconstruction_step():
@@ -140,7 +158,7 @@ class AdaLog(Method):
         first = {m.layers[0]: m for m in mappings}
         units = ctx.structure.units
         captures = capture_by_units(qmodel, units, ctx.images(), 32, False, self._capture_rows,
-                                    opts.search_macs or None, seed=config.seed)
+                                    opts.core_macs or None, seed=config.seed)
         with torch.no_grad():
             for unit, caps, core_caps in tqdm(captures, total=len(units), desc="adalog search",
                                               disable=not ctx.progress, leave=False):
@@ -168,7 +186,7 @@ class AdaLog(Method):
     # -- bookkeeping --------------------------------------------------------------------------------
     def _keep(self, in_features: int, out_features: int) -> int:
         """Rows a layer's search evaluates: max_rows, fewer where an evaluation would cost > search_macs."""
-        by_cost = search_rows(in_features, out_features, self.opts.search_macs)
+        by_cost = search_rows(in_features, out_features, self.opts.search_macs, self.opts.min_rows)
         return self.opts.max_rows if by_cost is None else min(self.opts.max_rows, by_cost)
 
     def _capture_rows(self, layer) -> int | None:
@@ -205,7 +223,7 @@ class AdaLog(Method):
         bits = self._bits(site)
 
         def input_error(s, z):  # per channel
-            return (uniform_fake(x[None], s[:, None], z[:, None], bits) - x).pow(2).mean(1)
+            return uniform_fake(x[None], s[:, None], z[:, None], bits).sub_(x).square_().mean(1)
 
         s, z = self.search.search_uniform(input_error, x, bits, x.numel(), extremes=extremes)
         site.quantizer = _uniform(bits, s, z, site.name, channel_axis=site.channel_axis)
@@ -231,7 +249,7 @@ class AdaLog(Method):
             extra = (site.quantizer.scale, site.quantizer.zero_point)
 
         def w_self(s, z):
-            return (uniform_fake(W[None], s[..., None], z[..., None], w_bits) - W).pow(2).mean(-1)
+            return uniform_fake(W[None], s[..., None], z[..., None], w_bits).sub_(W).square_().mean(-1)
 
         ws, wz = self.search.search_uniform(w_self, W.t(), w_bits, W.numel())
         if a_bits is None:
@@ -243,7 +261,7 @@ class AdaLog(Method):
             rows = x.reshape(-1, 1)
 
             def a_self(s, z):
-                return (uniform_fake(x[None], s[..., None], z[..., None], a_bits) - x).pow(2).mean((1, 2))[:, None]
+                return uniform_fake(x[None], s[..., None], z[..., None], a_bits).sub_(x).square_().mean((1, 2))[:, None]
 
             act = _uniform(a_bits, *self.search.search_uniform(a_self, rows, a_bits, x.numel(),
                                                                [extra] if extra is not None else [], tensor_ext),
@@ -256,7 +274,10 @@ class AdaLog(Method):
 
             def w_out(s, z):
                 wq = uniform_fake(W[None], s[..., None], z[..., None], w_bits)  # [k, out, in]
-                return (xq @ wq.transpose(1, 2) + (0 if bias is None else bias) - y).pow(2).mean(1)
+                o = xq @ wq.transpose(1, 2)
+                if bias is not None:
+                    o.add_(bias)
+                return o.sub_(y).square_().mean(1)
 
             ws, wz = self.search.search_uniform(w_out, W.t(), w_bits, n * c_out + W.numel(), [(ws, wz)])
             if act is None or adalog:
@@ -265,7 +286,7 @@ class AdaLog(Method):
 
             def a_out(s, z):
                 out = F.linear(uniform_fake(x[None], s[..., None], z[..., None], a_bits), wq, bias)
-                return (out - y).pow(2).mean((1, 2))[:, None]
+                return out.sub_(y).square_().mean((1, 2))[:, None]
 
             starts = [(act.scale, act.zero_point)] + ([extra] if extra is not None else [])
             act = _uniform(a_bits, *self.search.search_uniform(a_out, x.reshape(-1, 1), a_bits, n * (c_in + c_out),
@@ -278,7 +299,7 @@ class AdaLog(Method):
         W = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
 
         def w_self(s, z):
-            return (uniform_fake(W[None], s[..., None], z[..., None], w_bits) - W).pow(2).mean(-1)
+            return uniform_fake(W[None], s[..., None], z[..., None], w_bits).sub_(W).square_().mean(-1)
 
         ws, wz = self.search.search_uniform(w_self, W.t(), w_bits, W.numel())
         layer.weight_quantizer = _uniform(w_bits, ws, wz, f"{layer.name}.weight", channel_axis=0)
@@ -288,7 +309,7 @@ class AdaLog(Method):
             return
 
         def a_self(s, z):
-            return (uniform_fake(x[None], s[..., None], z[..., None], a_bits) - x).pow(2).mean((1, 2))[:, None]
+            return uniform_fake(x[None], s[..., None], z[..., None], a_bits).sub_(x).square_().mean((1, 2))[:, None]
 
         site.quantizer = _uniform(a_bits, *self.search.search_uniform(a_self, x.reshape(-1, 1), a_bits, x.numel()),
                                   site.name)
@@ -304,10 +325,25 @@ class AdaLog(Method):
         codes, under = adalog_codes(x, s, q, self.opts.r, bits, shift)
         if self.opts.table == "exact":
             q = torch.as_tensor(q, dtype=torch.float32, device=x.device)
-            value = (torch.exp2(codes * (-q / self.opts.r)) * s).masked_fill_(under, 0.0)
-        else:
-            value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
+            # in place on the fresh codes tensor: the same operations and values as
+            # (exp2(codes · (−q/r)) · s).masked_fill(under, 0) − shift
+            return codes.mul_(-q / self.opts.r).exp2_().mul_(s).masked_fill_(under, 0.0).sub_(shift)
+        value = adalog_dequantize(codes, under, s, q, self.opts.r, self.table)
         return value - shift
+
+    def _fake_from_log(self, neg_log: torch.Tensor, q: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
+                       shift: float = 0.0) -> torch.Tensor:
+        """`_adalog_fake(x, s, q, bits, shift)` (exact table) for candidates that share one scale s, from
+        neg_log = −log2(((x + shift) / s).clamp_min(0)), computed once instead of once per candidate: the
+        same operations on the same values, so the same result. scale None: s = 1 (· 1 left out)."""
+        q = torch.as_tensor(q, dtype=torch.float32, device=neg_log.device)
+        raw = (neg_log[None] * (self.opts.r / q)).round_()
+        under = raw >= 2**bits
+        out = raw.clamp_(0, 2**bits - 1).mul_(-q / self.opts.r).exp2_()
+        if scale is not None:
+            out.mul_(scale)
+        out.masked_fill_(under, 0.0)
+        return out.sub_(shift) if shift else out
 
     def _search_post_gelu(self, act: AdaLogQuantizer, x, wq, bias, y, x_max) -> None:
         """FPCS's combining search of (base, scale): the best top_k bases at the current scale, each
@@ -317,10 +353,18 @@ class AdaLog(Method):
 
         def out_error(s, q):
             xh = self._adalog_fake(x[None], s[..., None], q[..., None], bits, GELU_SHIFT)
-            return (F.linear(xh, wq, bias) - y).pow(2).mean((1, 2))[:, None]
+            return F.linear(xh, wq, bias).sub_(y).square_().mean((1, 2))[:, None]
 
         qs = self._q_candidates(x.device)
-        err = evaluate(out_error, act.scale.expand(len(qs), 1), qs, floats)
+        if self.opts.table == "exact":  # every base at the current scale: −log2 of the ratio once
+            neg_log = ((x + GELU_SHIFT) / act.scale).clamp_min(0).log2_().neg_()
+
+            def first_error(s, q):
+                xh = self._fake_from_log(neg_log, q[..., None], bits, act.scale, GELU_SHIFT)
+                return F.linear(xh, wq, bias).sub_(y).square_().mean((1, 2))[:, None]
+        else:
+            first_error = out_error
+        err = evaluate(first_error, act.scale.expand(len(qs), 1), qs, floats)
         top_q = qs[err[:, 0].topk(min(self.opts.top_k, len(qs)), largest=False).indices]  # [k, 1]
         pos = x[x > 0]
         # the code's candidates: from the 90th percentile of the positive inputs to the maximum, + shift
@@ -361,14 +405,14 @@ class AdaLog(Method):
             kq = fq_k(kt, ks[0][:, None, None], ks[1][:, None, None])
 
             def q_err(s, z):
-                return ((fq_q(q[None], bc(s), bc(z)) @ kq) - y).pow(2).mean((1, 3, 4))
+                return (fq_q(q[None], bc(s), bc(z)) @ kq).sub_(y).square_().mean((1, 3, 4))
 
             if qb is not None:
                 qs = self.search.search_uniform(q_err, heads(q), qb, floats, [qs], q_ext)
             qq = fq_q(q, qs[0][:, None, None], qs[1][:, None, None])
 
             def k_err(s, z):
-                return ((qq @ fq_k(kt[None], bc(s), bc(z))) - y).pow(2).mean((1, 3, 4))
+                return (qq @ fq_k(kt[None], bc(s), bc(z))).sub_(y).square_().mean((1, 3, 4))
 
             if kb is not None:
                 ks = self.search.search_uniform(k_err, heads(kt), kb, floats, [ks], k_ext)
@@ -385,6 +429,9 @@ class AdaLog(Method):
         heads = v.movedim(1, -1).reshape(-1, v.shape[1])
         vs = _minmax(heads, vb or self.config.a_bits, v_ext)
         one, qs = torch.ones(1, 1, device=v.device), self._q_candidates(v.device)
+        # −log2 of the ratio adalog_codes computes, ((p + 0) / 1).clamp_min(0), bit for bit: it does not
+        # depend on the base q, so the search computes it once instead of once per candidate
+        neg_log = ((probs + 0.0) / one[0, 0]).clamp_min(0).log2_().neg_() if self.opts.table == "exact" else None
         floats = probs.numel() + y.numel()
         best_q = self.opts.r
         for _ in range(self.opts.rounds):
@@ -392,8 +439,11 @@ class AdaLog(Method):
             if pb is not None:
 
                 def q_err(s, q):  # s = 1 (softmax ≤ 1), one base for the whole layer
-                    a = self._adalog_fake(probs[None], s[..., None, None, None], q[..., None, None, None], pb, 0.0)
-                    return (a @ vq - y).pow(2).mean((1, 2, 3, 4))[:, None]
+                    if neg_log is None:
+                        a = self._adalog_fake(probs[None], s[..., None, None, None], q[..., None, None, None], pb, 0.0)
+                    else:
+                        a = self._fake_from_log(neg_log, q[..., None, None, None], pb)
+                    return (a @ vq).sub_(y).square_().mean((1, 2, 3, 4))[:, None]
 
                 err = evaluate(q_err, one.expand(len(qs), 1), qs, floats)
                 best_q = int(qs[err[:, 0].argmin(), 0])
@@ -402,8 +452,8 @@ class AdaLog(Method):
                 pq = probs
 
             def v_err(s, z):
-                return ((pq @ fq_v(v[None], s[:, None, :, None, None], z[:, None, :, None, None])) - y
-                        ).pow(2).mean((1, 3, 4))
+                return (pq @ fq_v(v[None], s[:, None, :, None, None], z[:, None, :, None, None])).sub_(y).square_(
+                ).mean((1, 3, 4))
 
             if vb is not None:
                 vs = self.search.search_uniform(v_err, heads, vb, floats, [vs], v_ext)

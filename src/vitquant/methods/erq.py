@@ -98,8 +98,14 @@ class RidgeStatistics:
         self.rows = 0
 
     def design(self, x_q: torch.Tensor) -> torch.Tensor:
-        a = x_q.reshape(-1, self.in_features).double()
-        return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if self.bias else a
+        x = x_q.reshape(-1, self.in_features)
+        if not self.bias:
+            return x.double()
+        # [x̄, 1] written into one buffer: the values of cat([x̄.double(), 1]) without a second copy
+        a = torch.empty(x.shape[0], self.in_features + 1, dtype=torch.float64, device=x.device)
+        a[:, :self.in_features].copy_(x)
+        a[:, self.in_features] = 1.0
+        return a
 
     def update(self, x_q: torch.Tensor, y: torch.Tensor) -> None:
         a = self.design(x_q)
@@ -212,6 +218,18 @@ def _layer_input(unit: torch.nn.Module, layer: QuantLinear, inputs: UnitInputs, 
     return captured[0]
 
 
+# Images per forward while gathering a layer's statistics: as many as keep the unit's input within 2^20
+# floats (4 MiB), at most the engine's 32. The sums then hold the same terms, in batches: every reference
+# model (≤ 196 tokens × 48 channels or 17 × 192 per image) still sums all 32 images in one batch, so its
+# results are unchanged; DeiT-S (197 × 384) runs 13 images at a time, which cuts the forward's and the
+# float64 design matrix's transient memory to ~40%.
+STATISTICS_FLOATS = 2**20
+
+
+def _statistics_batch(inputs: UnitInputs, batch_size: int) -> int:
+    return max(1, min(batch_size, STATISTICS_FLOATS // max(1, inputs.x[0].numel())))
+
+
 class ERQ(RepQViT):
     name = "erq"
     summary = "ERQ (ICML'24): RepQ-ViT + ridge-regression activation error reduction + weight rounding refinement"
@@ -243,8 +261,8 @@ class ERQ(RepQViT):
                     continue
                 layer, ref_layer = qmodel.submodule(name), reference.submodule(name)
                 with reference.bypassed():
-                    stats = self._statistics(q_unit, ref_unit, layer, ref_layer, q_in, f_in, batch_size,
-                                             opts.sequential)
+                    stats = self._statistics(q_unit, ref_unit, layer, ref_layer, q_in, f_in,
+                                             _statistics_batch(f_in, batch_size), opts.sequential)
                 self._reduce_errors(ctx, opts, rule, name, layer, stats)
                 bar.update()
             with reference.bypassed():
@@ -287,6 +305,9 @@ class ERQ(RepQViT):
             y = F.linear(x_float, ref_layer.weight, ref_layer.bias)
             # sequential: the input this layer really gets once everything before it is quantized
             x_q = _layer_input(q_unit, layer, q_in, idx) if sequential else layer.input_site(x_float)
+            del x_float
             stats.update(x_q, y)
+            del x_q, y
+            release_memory()  # this batch's activations (see profiling.release_memory)
         return stats
 

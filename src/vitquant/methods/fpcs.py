@@ -28,7 +28,7 @@ import torch
 from vitquant.quantizers.ranges import RangeRule, candidate_ranges
 
 _EPS = 1e-8
-CHUNK_FLOATS = 2**23  # largest intermediate of one candidate chunk, in floats (32 MiB)
+CHUNK_FLOATS = 2**20  # largest intermediate of one candidate chunk, in floats (4 MiB)
 PERCENTILE = 0.9  # the inner end of the candidate ranges (the code's l = 0.9, r = 1.0)
 
 # loss(scale [k, G], aux [k, G]) -> [k, G] error of each of k candidates, per group
@@ -37,8 +37,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def uniform_fake(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Asymmetric uniform fake quantization, broadcasting like UniformQuantizer (same math, so the
-    searched error is the error of the installed quantizer)."""
-    return (torch.clamp(torch.round(x / scale) + zero_point, 0, 2**bits - 1) - zero_point) * scale
+    searched error is the error of the installed quantizer). Without autograd the steps run in place on
+    one fresh tensor: the same operations in the same order (so the same values) as
+    (clamp(round(x / s) + z, 0, 2^b − 1) − z)·s, without a candidate-sized temporary per step."""
+    out = torch.div(x, scale)
+    if out.requires_grad or torch.broadcast_shapes(out.shape, zero_point.shape) != out.shape:
+        return (torch.clamp(torch.round(out) + zero_point, 0, 2**bits - 1) - zero_point) * scale
+    return out.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
 
 
 def evaluate(loss: LossFn, scale: torch.Tensor, aux: torch.Tensor, floats_per_candidate: int) -> torch.Tensor:

@@ -20,11 +20,12 @@ SEARCH_MACS = 2**27
 MIN_SEARCH_ROWS = 256
 
 
-def search_rows(in_features: int, out_features: int, macs: int = SEARCH_MACS) -> int | None:
+def search_rows(in_features: int, out_features: int, macs: int = SEARCH_MACS,
+                min_rows: int = MIN_SEARCH_ROWS) -> int | None:
     """Rows of a Linear's input a search evaluates (None: all, when `macs` is 0)."""
     if not macs:
         return None
-    return max(MIN_SEARCH_ROWS, macs // max(1, in_features * out_features))
+    return max(min_rows, macs // max(1, in_features * out_features))
 
 
 def grid_argmin(

@@ -53,7 +53,7 @@ from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.reconstruction import ReconstructionOptions, float_teacher, reconstruct_blocks
 from vitquant.methods.repq_vit import reparam_mappings, reparameterize_post_ln
-from vitquant.methods.steps import fit_activations, fit_weights
+from vitquant.methods.steps import fit_weights, observe_and_fit
 from vitquant.models import roles
 from vitquant.quantizers import RangeRule, UniformQuantizer
 from vitquant.quantizers.sulq import DEFAULT_ETAS, ShiftUniformLog2Quantizer
@@ -128,9 +128,7 @@ class IaSViT(Method):
 
         teacher = float_teacher(qmodel)  # the original float model: both stages' targets
         # Stage 1: float weights, channel-wise post-LN activations; reconstruction trains the weights
-        observers = ctx.observe()
-        fit_activations(qmodel, observers, choose, plan)
-        del observers
+        observe_and_fit(ctx, choose)
         stage1 = opts.reconstruction("float", opts.stage1_inputs, iters, config.seed)
         reconstruct_blocks(qmodel, calib, stage1, progress=progress, teacher=teacher)
         # Stage 2: channel-wise → layer-wise, lossless while weights are float

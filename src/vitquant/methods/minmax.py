@@ -6,7 +6,7 @@ range is the observed min/max of the float model's activations on the calibratio
 from __future__ import annotations
 
 from vitquant.methods.base import Method
-from vitquant.methods.steps import fit_activations, fit_weights
+from vitquant.methods.steps import fit_weights, observe_and_fit
 from vitquant.quantizers import RangeRule, UniformQuantizer
 
 
@@ -18,6 +18,5 @@ class MinMax(Method):
     def calibrate(self, ctx) -> None:
         fit_weights(ctx.qmodel, ctx.plan, RangeRule("minmax"))
         # min-max ranges need the extremes only, not a sample of every site's values
-        observers = ctx.observe(sample=lambda site: self.activation_rule.kind != "minmax")
         choose = lambda site, bits: (UniformQuantizer(bits), self.activation_rule)  # noqa: E731
-        fit_activations(ctx.qmodel, observers, choose, ctx.plan)
+        observe_and_fit(ctx, choose, sample=lambda site: self.activation_rule.kind != "minmax")

@@ -72,7 +72,7 @@ class PTQ4ViTOptions:
     alpha: float = 0.01  # the candidate grid spans [alpha, beta] × the min-max step
     beta: float = 1.2
     rounds: int = 3  # weight/activation alternations
-    batch_size: int = 8  # images per forward/backward pass while capturing (memory only)
+    batch_size: int = 4  # images per forward/backward pass while capturing (memory only)
     matmul_per_head: bool = False  # one scale per head for q, k, v (the official code's batching classes)
     quantize_image: bool = False  # quantize the patch-embedding input at config.patch_embed_input_bits
     twin: bool = True  # False: plain symmetric grids for softmax/GELU outputs (the paper's ablation)

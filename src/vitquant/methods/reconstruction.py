@@ -241,6 +241,7 @@ class _UnitTrainer:
                 layer.weight.copy_(layer.weight_quantizer.hard_weight())
             layer.weight_quantizer = q
         for p, flag in self.requires_grad.items():
+            p.grad = None  # the last step's gradients: a weight-sized tensor per parameter, never read again
             p.requires_grad_(flag)
 
 

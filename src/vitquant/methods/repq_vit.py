@@ -29,7 +29,7 @@ import torch
 
 from vitquant.methods.base import Method
 from vitquant.methods.reparam import fold_channel_affine
-from vitquant.methods.steps import fit_activations, fit_weights
+from vitquant.methods.steps import fit_weights, observe_and_fit
 from vitquant.models import roles
 from vitquant.quantizers import LogSqrt2Quantizer, Quantizer, RangeRule, UniformQuantizer
 
@@ -64,8 +64,7 @@ class RepQViT(Method):
             return UniformQuantizer(bits, channel_axis=site.channel_axis if site.name in channel_wise else None), rule
 
         fit_weights(qmodel, plan, rule)
-        observers = ctx.observe()
-        fit_activations(qmodel, observers, choose, plan)
+        observe_and_fit(ctx, choose)
         for mapping in mappings:
             reparameterize_post_ln(qmodel, mapping, self.layerwise_scale_choice(opts))
         # the reparameterized layers' weights changed (the others' fits would come out the same)

@@ -56,6 +56,33 @@ def fit_activations(
         fit_site(site, quantizer, observers[name], rule)
 
 
+def observe_and_fit(ctx, choose: ActivationPlan, sample: Callable[[ActSite], bool] | None = None) -> None:
+    """`fit_activations(ctx.qmodel, ctx.observe(), choose, ctx.plan)` with each site fitted as soon as its
+    statistics are final, its sample then dropped (Context.observe's on_complete): the same fits, while
+    memory holds one unit's samples instead of every site's."""
+    plan = ctx.plan
+    if plan.deployable:  # QuantConfig(deployable=True): affine grids only
+        choose = deployable_plan(choose)
+    fitted: set[str] = set()
+
+    def fit(site: ActSite, observer: ReservoirObserver) -> None:
+        bits = plan.act(site.name)
+        if bits is None:
+            site.enabled, site.quantizer = False, None
+        else:
+            quantizer, rule = choose(site, bits)
+            fit_site(site, quantizer, observer, rule)
+        fitted.add(site.name)
+
+    ctx.observe(sample=sample, on_complete=fit)
+    for name, site in ctx.qmodel.act_sites().items():
+        if name in fitted:
+            continue
+        if plan.act(name) is not None:
+            raise RuntimeError(f"activation site {name!r} was not observed, so it cannot be fitted")
+        site.enabled, site.quantizer = False, None
+
+
 def apply_plan(qmodel: QuantizedModel, plan: SitePlan) -> None:
     """After any method: what the plan keeps float is float (a method that sets every site itself may
     have given one a quantizer)."""

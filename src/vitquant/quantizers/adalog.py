@@ -50,9 +50,14 @@ def adalog_codes(x: torch.Tensor, scale: torch.Tensor, q: torch.Tensor | int, r:
     ratio = ((x + shift) / scale).clamp_min(0)
     q = torch.as_tensor(q, dtype=torch.float32, device=x.device)
     # log2(0) = −inf gives +inf: such inputs underflow to 0, as do codes past the last one
-    raw = torch.round(-torch.log2(ratio) * (r / q))
+    if ratio.requires_grad or torch.broadcast_shapes(ratio.shape, q.shape) != ratio.shape:
+        raw = torch.round(-torch.log2(ratio) * (r / q))
+        underflow = raw >= 2**bits
+        return torch.clamp(raw, 0, 2**bits - 1), underflow
+    # the same operations in place on the fresh `ratio` (a search evaluates candidate-sized tensors)
+    raw = ratio.log2_().neg_().mul_(r / q).round_()
     underflow = raw >= 2**bits
-    return torch.clamp(raw, 0, 2**bits - 1), underflow
+    return raw.clamp_(0, 2**bits - 1), underflow
 
 
 def adalog_dequantize(codes: torch.Tensor, underflow: torch.Tensor, scale: torch.Tensor, q: torch.Tensor | int,
