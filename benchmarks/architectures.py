@@ -120,9 +120,10 @@ def main() -> int:
     p.add_argument("--families", help="comma-separated family names (default: all)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--store", default=str(STORE), help="the runs store (resumable)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("VITQUANT_THREADS", "1")))
-    store = ResultsStore(STORE, key=_key)
+    store = ResultsStore(args.store, key=_key)
     if not args.render_only:
         wanted = set(args.families.split(",")) if args.families else None
         for family in FAMILIES:
