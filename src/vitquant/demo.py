@@ -7,7 +7,6 @@ from typing import Sequence
 from vitquant.api import quantize
 from vitquant.config import QuantConfig
 from vitquant.evaluate import evaluate
-from vitquant.models import prepare
 from vitquant.models.loading import load_model
 from vitquant.report import format_table
 

@@ -29,7 +29,6 @@ def test_reparameterized_float_model_equals_original(tiny_vit, calib_images):
 def test_channel_wise_grid_maps_exactly_to_layer_wise(tiny_vit, calib_images):
     """After reparameterization, layer-wise quantization of x' equals channel-wise quantization of x."""
     from vitquant.calibration.engine import observe_float
-    from vitquant.methods import get_method
     from vitquant.models import prepare
     from vitquant.quantizers import RangeRule, UniformQuantizer
 

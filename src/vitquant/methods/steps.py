@@ -2,14 +2,13 @@
 layer inputs unit by unit in memory-bounded passes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from vitquant.calibration.observer import ReservoirObserver
 from vitquant.methods.deployable import deployable_plan
-from vitquant.models.qmodules import ActSite, QuantLinear
+from vitquant.models.qmodules import ActSite
 from vitquant.models.quantized import QuantizedModel
 from vitquant.plan import SitePlan
 from vitquant.profiling import release_memory
