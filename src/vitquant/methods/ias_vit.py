@@ -43,6 +43,10 @@ Deviations from the paper / official code:
   stages 1-2, like repq-vit's option of the same name: the outlier-stress models need it.
 - The reconstruction loss sums squared errors over channels (BRECQ's lp_loss sums over dim 1, which is
   the token axis of a [B, N, C] ViT activation); the two differ only by a constant factor per unit.
+- Options `early_stop` (a fraction: stop a unit's stage when its windowed loss improves by less) and
+  `bf16` (bfloat16 autocast in the optimisation forwards) are CPU-cost options, off by default; their
+  accuracy effect has not been measured yet, so the defaults stay the full schedule in float32.
+- A unit whose output error is worse after its stage than before is put back (reconstruction.py).
 """
 from __future__ import annotations
 
