@@ -34,6 +34,7 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results" / "accuracy.md"))
     p.add_argument("--models", default="bundled,d12,swin", help="comma-separated subset of bundled,d12,swin")
     p.add_argument("--no-stress", action="store_true", help="natural variants only")
+    p.add_argument("--stress-only", action="store_true", help="stress variants only")
     p.add_argument("--render-only", action="store_true", help="only rewrite the markdown from the store")
     args = p.parse_args()
     wanted = set(args.models.split(","))
@@ -47,7 +48,8 @@ def main() -> int:
     store = ResultsStore(args.store)
     if not args.render_only:
         spec = SweepSpec(models=models, methods=args.methods.split(","), bits=args.bits.split(","),
-                         seeds=[int(s) for s in args.seeds.split(",")], stress=not args.no_stress)
+                         seeds=[int(s) for s in args.seeds.split(",")], stress=not args.no_stress,
+                         natural=not args.stress_only)
         os.chdir(HERE.parent)  # model paths in the store are relative to the repository
         run_sweep(spec, store)
     header = [

@@ -55,16 +55,18 @@ def test_parse_options_keeps_nan_and_infinity_as_text():
     assert "NaN" not in QuantConfig().to_json()
 
 
-@pytest.mark.parametrize("text, expected", [("true", True), ("TRUE", True), ("False", False), ("false", False)])
+@pytest.mark.parametrize("text, expected", [("true", True), ("TRUE", True), ("False", False), ("false", False),
+                                            ("auto", "auto")])
 def test_boolean_options_from_the_command_line(text, expected):
     # regression: "False" (not JSON) was kept as a string, and a non-empty string is truthy
     options = QuantConfig(method="repq-vit", options=parse_options([f"reparam_head={text}"])).options
-    assert options["reparam_head"] is expected
+    assert options["reparam_head"] == expected and type(options["reparam_head"]) is type(expected)
 
 
 @pytest.mark.parametrize("method, option, value, message", [
-    ("repq-vit", "reparam_head", "maybe", "must be true or false, got 'maybe'"),
-    ("repq-vit", "reparam_head", 1, "must be true or false"),
+    ("repq-vit", "reparam_head", "maybe", "must be one of true, false, 'auto', got 'maybe'"),
+    ("repq-vit", "reparam_head", 1, "must be one of true, false, 'auto', got 1"),
+    ("adalog", "reparam_post_ln", "maybe", "must be true or false, got 'maybe'"),
     ("repq-vit", "candidates", "abc", r"must be a list of numbers, e\.g\. \[0\.99, 0\.999\], got 'abc'"),
     ("percentile", "percentile", "abc", "must be a number, got 'abc'"),
     ("percentile", "percentile", "NaN", "must be a number"),

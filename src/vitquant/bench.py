@@ -49,6 +49,7 @@ class SweepSpec:
     bits: list[str] = field(default_factory=lambda: ["w8a8", "w6a6", "w4a4", "w3a3"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     stress: bool = True
+    natural: bool = True  # False: the stress variants only
     calib: str = "bundled"
     eval_data: str = "bundled"
     calib_size: int = 32
@@ -63,6 +64,8 @@ class SweepSpec:
             parse_bits(b)
         if not self.models:
             raise VitquantError("a sweep needs at least one model")
+        if not (self.natural or self.stress):
+            raise VitquantError("a sweep needs the natural or the stress variants (or both)")
 
 
 KEY_FIELDS = ("model", "variant", "method", "bits", "seed")
@@ -201,9 +204,10 @@ class ResultsStore:
         self._done.add(self.key(rec))
 
 
-def _variants(model_name: str, stress: bool) -> Iterator[tuple[str, torch.nn.Module]]:
+def _variants(model_name: str, stress: bool, natural: bool = True) -> Iterator[tuple[str, torch.nn.Module]]:
     model = load_model(model_name)
-    yield "natural", model
+    if natural:
+        yield "natural", model
     if stress:
         yield f"stress S={STRESS['factor']:g}", inject_ln_outliers(model, **STRESS)
 
@@ -218,7 +222,7 @@ def run_sweep(spec: SweepSpec, store: ResultsStore, progress: bool = True) -> in
     machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
     added = 0
     for model_name in spec.models:
-        for variant, model in _variants(model_name, spec.stress):
+        for variant, model in _variants(model_name, spec.stress, spec.natural):
             cfg = data_config_for(model)
             data = load_labeled(spec.eval_data, cfg)
             float_logits = None

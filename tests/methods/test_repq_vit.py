@@ -72,3 +72,59 @@ def test_unknown_method_option_is_refused():
         QuantConfig(method="repq-vit", options={"bogus": 1})
     with pytest.raises(VitquantError, match="percentile"):
         QuantConfig(method="percentile", options={"percentile": 2.0})
+
+
+@pytest.mark.parametrize("method", ["repq-vit", "dopq-vit"])
+def test_auto_head_reparameterizes_only_outlier_heads(tiny_vit, calib_images, method):
+    """reparam_head="auto" (the default) is the published recipe (false) where the head input's channel
+    ranges are even, and the reparameterized head (true) where a few channels are 30× wider — exactly:
+    the same quantizers and outputs, decided from the float model's channel ranges."""
+    from vitquant.models.outliers import inject_ln_outliers
+
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+
+    def run(model, head):
+        opts = {} if head is None else {"reparam_head": head}
+        q = vitquant.quantize(model, QuantConfig.preset("w4a4", method=method, options=opts), _calib(calib_images),
+                              progress=False)
+        with torch.no_grad():
+            return q(x), q.act_sites()["head.input"].quantizer
+
+    stressed = inject_ln_outliers(tiny_vit, 4, 30.0)
+    for model, same_as in ((tiny_vit, False), (stressed, True)):
+        auto_out, auto_q = run(model, None)
+        want_out, want_q = run(model, same_as)
+        other_out, _ = run(model, not same_as)
+        assert torch.equal(auto_out, want_out)
+        assert torch.equal(auto_q.scale, want_q.scale) and torch.equal(auto_q.zero_point, want_q.zero_point)
+        assert not torch.equal(auto_out, other_out)  # the choice matters on both models
+
+
+def test_channel_range_is_the_float_extremes_with_or_without_an_observe_pass(tiny_vit, calib_images):
+    """Context.channel_range: kept from an observe pass that saw the site, else measured — the float
+    model's exact per-channel (min, max) either way; range_spread is max / median of hi − lo."""
+    from vitquant.calibration.engine import Context, observe_float
+    from vitquant.methods.repq_vit import range_spread
+    from vitquant.models import prepare
+    from vitquant.models.outliers import inject_ln_outliers
+    from vitquant.plan import SitePlan
+
+    config = QuantConfig.preset("w4a4")
+    spreads = []
+    for model in (tiny_vit, inject_ln_outliers(tiny_vit, 4, 30.0)):
+        p = prepare(model)
+        site = p.act_sites()["head.input"]
+        new_ctx = lambda: Context(p, _calib(calib_images), config, SitePlan.resolve(config, p.structure),  # noqa: E731
+                                  progress=False)
+        obs = observe_float(p, [calib_images], sites=[site], progress=False)[site.name]
+        measured = new_ctx().channel_range(site)  # its own extremes-only forward
+        ctx = new_ctx()
+        ctx.observe(on_complete=lambda s, o: None)  # every site, as methods observe
+        kept = ctx.channel_range(site)
+        assert torch.equal(measured[0], obs.lo) and torch.equal(measured[1], obs.hi)
+        # observing every site makes attention explicit (its operands are sites): last-bit differences
+        torch.testing.assert_close(kept, (obs.lo, obs.hi), rtol=1e-5, atol=1e-5)
+        r = (obs.hi - obs.lo).double()
+        assert range_spread(*measured) == pytest.approx(float(r.max() / r.median()), rel=1e-12)
+        spreads.append(range_spread(*kept))
+    assert spreads[0] < 10 < spreads[1]  # even channels; 4 channels ×30

@@ -66,7 +66,8 @@ def stress_setup():
     model = inject_ln_outliers(vitquant.load_model("bundled"), **STRESS)
     cfg = data_config_for(model)
     calib = load_calibration("bundled", cfg, n=16, seed=0, min_images=8)
-    config = QuantConfig.preset("w4a4", method="repq-vit", calib_size=16)
+    # RepQ-ViT's published recipe (head input layer-wise): the default "auto" would reparameterize the head
+    config = QuantConfig.preset("w4a4", method="repq-vit", calib_size=16, options={"reparam_head": False})
     # fisher and lrp need no per-site forwards: the table is one calibration and one pass per width
     table = build_table(model, config, calib, measured=False)
     return model, calib, config, table

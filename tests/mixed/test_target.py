@@ -38,13 +38,14 @@ def test_search_finds_the_smallest_k(n, threshold):
 
 
 def test_stress_model_meets_the_target_with_one_site():
-    """RepQ-ViT W4A4 on the stress model loses ~80 points through the head input alone: the search
+    """RepQ-ViT W4A4 (published recipe: reparam_head=false) on the stress model loses ~80 points through the head input alone: the search
     raises exactly that site to 8 bits, and the reporting half (unseen by the search) agrees."""
     model = inject_ln_outliers(vitquant.load_model("bundled"), **STRESS)
     cfg = data_config_for(model)
     calib = load_calibration("bundled", cfg, n=16, seed=0, min_images=8)
     holdout = load_labeled("bundled", cfg, limit=300)
-    res = meet_target(model, QuantConfig.preset("w4a4", method="repq-vit", calib_size=16), calib, holdout, 1.0)
+    config = QuantConfig.preset("w4a4", method="repq-vit", calib_size=16, options={"reparam_head": False})
+    res = meet_target(model, config, calib, holdout, 1.0)
     assert res.path[0].phase == "start" and res.path[0].drop > 50
     assert res.met and res.changes == {"head.input": 8}
     assert res.report["drop"] < 3.0  # 150 unseen images: one image is 0.67 points

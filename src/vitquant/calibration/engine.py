@@ -14,7 +14,7 @@ Methods get it through the `Context` they are called with.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
@@ -253,6 +253,8 @@ class Context:
     config: "QuantConfig"
     plan: "SitePlan"
     progress: bool = True
+    # site name → exact per-channel (min, max) of its float input, from this context's observe passes
+    _ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def structure(self):
@@ -269,9 +271,25 @@ class Context:
     def images(self) -> torch.Tensor:
         return self.calib.images.to(self.device)
 
+    def channel_range(self, site: ActSite) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact per-channel (min, max) of `site`'s input in the float model over every calibration image:
+        kept from this context's last `observe` that saw the site (during it, from the moment the site's
+        statistics are final, i.e. inside its on_complete), else measured by one extremes-only forward."""
+        if site.name not in self._ranges:
+            self.observe([site], sample=lambda _s: False, desc="channel ranges")
+        return self._ranges[site.name]
+
     def observe(self, sites: Iterable[ActSite] | None = None, batch_size: int = 32,
                 desc: str = "calibrating", sample: Callable[[ActSite], bool] | None = None,
                 on_complete: Callable[[ActSite, ReservoirObserver], None] | None = None,
                 ) -> dict[str, ReservoirObserver]:
-        return observe_float(self.qmodel, self.batches(batch_size), sites, seed=self.config.seed,
-                             progress=self.progress, desc=desc, sample=sample, on_complete=on_complete)
+        def complete(site: ActSite, observer: ReservoirObserver) -> None:
+            self._ranges[site.name] = (observer.lo, observer.hi)
+            if on_complete is not None:
+                on_complete(site, observer)
+
+        observers = observe_float(self.qmodel, self.batches(batch_size), sites, seed=self.config.seed,
+                                  progress=self.progress, desc=desc, sample=sample,
+                                  on_complete=complete if on_complete is not None else None)
+        self._ranges.update({name: (obs.lo, obs.hi) for name, obs in observers.items()})
+        return observers

@@ -18,8 +18,9 @@ Recipe (calibration only; parallel: every layer's inputs and outputs come from t
 Options and their CPU-friendly defaults (the paper/code value in brackets): candidates 32 [128],
 top_k 4 [16; 32 in the post-GELU combining stage], steps 4 [6], rounds 2 [3], q_range (1, 138)
 [(10, 138)]. Pass {"candidates": 128, "top_k": 16, "steps": 6, "rounds": 3, "q_range": (10, 138)} for
-the official search. `reparam_head` (off, as in the paper) also reparameterizes the final norm → head
-input, as RepQ-ViT's option of that name.
+the official search. `reparam_head` (default "auto"; not in the paper or code) also reparameterizes the
+final norm → head input, as RepQ-ViT's option of that name — "auto" only where that input's channel
+ranges spread > 10× (see repq_vit.head_outliers); false is the published recipe.
 
 Deviations from the paper / official code:
 - The dequantization table is exact (2^(−j/37)); `table="rounded"` gives the code's table rounded to
@@ -55,7 +56,7 @@ from vitquant.methods.base import Method
 from vitquant.methods.fpcs import FPCS, evaluate, uniform_fake
 from vitquant.methods.grid_search import search_rows
 from vitquant.methods.reparam import fold_input_shift
-from vitquant.methods.repq_vit import reparam_mappings, reparameterize_post_ln
+from vitquant.methods.repq_vit import HeadChoice, ReparamChoice, head_outliers, reparameterize_post_ln
 from vitquant.methods.steps import capture_by_units
 from vitquant.models import roles
 from vitquant.models.qmodules import QuantConv2d, QuantLinear
@@ -84,7 +85,7 @@ class AdaLogOptions:
     table: str = "exact"
     post_gelu: str = "adalog"  # or "uniform" (the ablation)
     reparam_post_ln: bool = True
-    reparam_head: bool = False  # also the final norm → head input (not in the paper or code)
+    reparam_head: HeadChoice = "auto"  # also the final norm → head input (not in the paper or code)
     fold_shift: bool = True
     max_rows: int = 4096  # rows (tokens) of a layer's input used by the search, at most
     search_macs: int = ADALOG_SEARCH_MACS  # fewer rows where one candidate evaluation would cost more; 0: off
@@ -152,10 +153,8 @@ class AdaLog(Method):
         self.search = FPCS(opts.candidates, opts.top_k, opts.steps)
         self.table = mantissa_table(opts.r, config.a_bits, opts.table)
         self.gen = torch.Generator().manual_seed(config.seed)
-        mappings = reparam_mappings(ctx, opts.reparam_head) if opts.reparam_post_ln else (
-            [m for m in reparam_mappings(ctx, True) if ctx.structure.role(ctx.structure.layer_input(m.layers[0]))
-             == roles.HEAD] if opts.reparam_head else [])
-        first = {m.layers[0]: m for m in mappings}
+        reparam = ReparamChoice(ctx, opts.reparam_head)  # head mappings decided below, from the captured ranges
+        first = {m.layers[0]: m for m in (reparam.post_ln if opts.reparam_post_ln else []) + reparam.heads}
         units = ctx.structure.units
         captures = capture_by_units(qmodel, units, ctx.images(), 32, False, self._capture_rows,
                                     opts.core_macs or None, seed=config.seed)
@@ -167,6 +166,10 @@ class AdaLog(Method):
                 for layer in layers:
                     if layer.name in first:  # channel-wise first, then one shared layer-wise grid
                         mapping = first[layer.name]
+                        x, ext = rows[layer.name]
+                        if any(mapping is h for h in reparam.heads) and not head_outliers(
+                                opts.reparam_head, *(ext or (x.amin(0), x.amax(0)))):
+                            continue
                         r, b = self._channel_wise_then_reparam(qmodel, mapping, *rows[layer.name])
                         for name in mapping.layers:
                             x, ext = rows[name]

@@ -63,8 +63,12 @@ def coerce_option(method: str, key: str, value: Any, tp: Any) -> Any:
         rest = [a for a in args if a is not type(None)]
         return coerce_option(method, key, value, rest[0] if len(rest) == 1 else Any)
     if origin is typing.Literal:
-        if value not in args:
-            raise VitquantError(f"option {key!r} of method {method!r} must be one of {list(args)}, got {value!r}")
+        if isinstance(value, str) and any(isinstance(a, bool) for a in args) and value.strip().lower() in _TRUE + _FALSE:
+            value = value.strip().lower() in _TRUE  # "true"/"false" from the CLI, where the literal allows a bool
+        if not any(type(value) is type(a) and value == a for a in args):  # 1 is not True
+            shown = (", ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in args)
+                     if any(isinstance(a, bool) for a in args) else list(args))
+            raise VitquantError(f"option {key!r} of method {method!r} must be one of {shown}, got {value!r}")
         return value
     if origin is tuple:
         elems = [a for a in args if a is not Ellipsis]

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vitquant.methods.adalog import reconstruction_step
-from vitquant.methods.repq_vit import RepQViT
+from vitquant.methods.repq_vit import HeadChoice, RepQViT
 from vitquant.quantizers import RangeRule, TanQuantizer
 
 SCALE_CHOICES = ("median", "mean")
@@ -41,7 +41,7 @@ SCALE_CHOICES = ("median", "mean")
 @dataclass
 class DopQOptions:
     scale_choice: str = "median"
-    reparam_head: bool = False
+    reparam_head: HeadChoice = "auto"  # as repq-vit's option
     candidates: tuple[float, ...] = (0.999, 0.9999, 0.99999)  # RepQ-ViT's percentile-MSE candidates
     reconstruct: bool = False
     reconstruct_iters: int = 200

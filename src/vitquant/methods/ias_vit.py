@@ -39,8 +39,9 @@ Deviations from the paper / official code:
 - Stage-1 block inputs come from the float model, stage-3 inputs from the quantized model, as in the
   official code (the paper does not say); option `stage1_inputs="quantized"` uses the quantized
   model's inputs in stage 1 too.
-- Option `reparam_head` (off, as in the paper and code) also runs the final norm → head input through
-  stages 1-2, like repq-vit's option of the same name: the outlier-stress models need it.
+- Option `reparam_head` (default "auto"; not in the paper or code) also runs the final norm → head input
+  through stages 1-2, like repq-vit's option of the same name: "auto" only where that input's channel
+  ranges spread > 10× (the outlier-stress models); false is the published recipe.
 - The reconstruction loss sums squared errors over channels (BRECQ's lp_loss sums over dim 1, which is
   the token axis of a [B, N, C] ViT activation); the two differ only by a constant factor per unit.
 - Options `early_stop` (a fraction: stop a unit's stage when its windowed loss improves by less) and
@@ -56,7 +57,7 @@ from typing import ClassVar, Literal
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.reconstruction import ReconstructionOptions, float_teacher, reconstruct_blocks
-from vitquant.methods.repq_vit import reparam_mappings, reparameterize_post_ln
+from vitquant.methods.repq_vit import HeadChoice, ReparamChoice, reparameterize_post_ln
 from vitquant.methods.steps import fit_weights, observe_and_fit
 from vitquant.models import roles
 from vitquant.quantizers import RangeRule, UniformQuantizer
@@ -73,7 +74,7 @@ class IaSViTOptions:
     batch_size: int = 32
     lr: float = 4e-5
     stage1_inputs: Literal["float", "quantized"] = "float"
-    reparam_head: bool = False  # also treat the final norm → head input channel-wise, then reparameterize
+    reparam_head: HeadChoice = "auto"  # also treat the final norm → head input channel-wise, then reparameterize
     etas: tuple[float, ...] = DEFAULT_ETAS
     act_candidates: tuple[float, ...] = ACT_PERCENTILES
     weight_candidates: tuple[float, ...] = WEIGHT_PERCENTILES
@@ -122,17 +123,17 @@ class IaSViT(Method):
         opts = self.options(config)
         iters = cpu_iters(config.w_bits, config.a_bits) if opts.iters is None else opts.iters
         act_rule = RangeRule("mse", candidates=opts.act_candidates)
-        mappings = reparam_mappings(ctx, opts.reparam_head)
-        channel_wise = {ctx.structure.layer_input(n) for m in mappings for n in m.layers}
+        reparam = ReparamChoice(ctx, opts.reparam_head, every_layer=True)
 
         def choose(site, bits):
             if site.role == roles.POST_SOFTMAX:
                 return ShiftUniformLog2Quantizer(bits, opts.etas), act_rule
-            return UniformQuantizer(bits, channel_axis=site.channel_axis if site.name in channel_wise else None), act_rule
+            return UniformQuantizer(bits, channel_axis=site.channel_axis if reparam.channel_wise(site) else None), act_rule
 
         teacher = float_teacher(qmodel)  # the original float model: both stages' targets
         # Stage 1: float weights, channel-wise post-LN activations; reconstruction trains the weights
         observe_and_fit(ctx, choose)
+        mappings = reparam.mappings()
         stage1 = opts.reconstruction("float", opts.stage1_inputs, iters, config.seed)
         reconstruct_blocks(qmodel, calib, stage1, progress=progress, teacher=teacher)
         # Stage 2: channel-wise → layer-wise, lossless while weights are float
