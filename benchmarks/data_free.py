@@ -298,7 +298,7 @@ def render_steps(store: Store) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="auto", help="'auto' (bundled + the 12-block model if trained) or a comma list")
-    p.add_argument("--methods", default="minmax,repq-vit", help="comma-separated method names, or 'all'")
+    p.add_argument("--methods", default="minmax,repq-vit:reparam_head=false", help="comma-separated method names, or 'all'")
     p.add_argument("--bits", default="w8a8,w4a8,w4a4")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--calibs", default=",".join(CALIBS))

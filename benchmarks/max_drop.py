@@ -7,7 +7,7 @@ positions (500) report the final drop, never seen by a decision; calibration use
 The table shows the starting drop, how many sites were raised to 8 bits (or kept float), the trials it
 took, the final drop on both halves, and the size against uniform W4A4 / W8A8.
 
-    PYTHONPATH=src python benchmarks/max_drop.py [--models bundled,d12] [--methods repq-vit,minmax]
+    PYTHONPATH=src python benchmarks/max_drop.py [--models bundled,d12] [--methods repq-vit:reparam_head=false,minmax]
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def render(store: ResultsStore, load: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="bundled,d12,swin")
-    p.add_argument("--methods", default="repq-vit,minmax")
+    p.add_argument("--methods", default="repq-vit:reparam_head=false,minmax")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--store", default=str(HERE / "results" / "max_drop_runs.jsonl"))
     p.add_argument("--out", default=str(HERE / "results" / "max_drop.md"))

@@ -47,8 +47,10 @@ from vitquant.report.table import format_table  # noqa: E402
 from vitquant.serialization import write_output_text  # noqa: E402
 
 MODELS = {"bundled": "bundled", "d12": str(HERE / "work" / "vit_mnist_d12.safetensors")}
-METHODS = ["repq-vit", "repq-vit:reparam_head=true", "adalog"]
-PROBES = {"adalog": "repq-vit:reparam_head=true"}
+# the published recipes (reparam_head=false: the head input layer-wise, as the papers) and RepQ-ViT with the
+# head reparameterized — what reparam_head="auto", the default since 0b8597f, does on the stress variants
+METHODS = ["repq-vit:reparam_head=false", "repq-vit:reparam_head=true", "adalog:reparam_head=false"]
+PROBES = {"adalog:reparam_head=false": "repq-vit:reparam_head=true"}
 # budget → (average bits, activation levels, the uniform presets it is compared with: lower, higher)
 BUDGETS = {"4.5": (4.5, A_LEVELS, "W4A4", "W6A6"), "3.5": (3.5, (3, 4, 6, 8, None), "W3A3", "W4A4")}
 

@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", default="bundled", help="comma-separated model names/files")
     b.add_argument("--methods", default="all",
                    help="comma-separated method names, or 'all'; options as name:key=value, e.g. "
-                        "repq-vit:reparam_head=true (a separate row in the tables)")
+                        "repq-vit:reparam_head=false (a separate row in the tables)")
     b.add_argument("--bits", default="w8a8,w6a6,w4a4,w3a3")
     b.add_argument("--seeds", default="0,1,2", help="calibration seeds")
     b.add_argument("--calib", default="bundled")

@@ -18,9 +18,13 @@ The teacher of both stages is the original float model.
 
 Defaults and sizing. The paper uses 1024 calibration images, batch 64, 1000 iterations per unit and
 stage at 3/4 bits and 200 at 6 bits (~31 min for 3-bit DeiT-S on an RTX 3090). On 2 CPU cores one
-iteration of a 192-wide block at batch 32 takes 30-90 ms, so `iters=None` runs a fifth of that
-schedule: 200 when min(w_bits, a_bits) ≤ 4, else 40 (`paper_iters` gives the paper's; pass
-`iters=1000` to follow it). On the bundled 6-block model, 200 iterations already lift W3A3 from
+iteration of a 192-wide block at batch 32 takes 30-90 ms, so the reference schedule runs a fifth of
+that: 200 iterations when min(w_bits, a_bits) ≤ 4, else 40, at batch 32 (`paper_iters` gives the
+paper's; pass `iters=1000` to follow it). On a real-size model (DeiT-S: ~1.5 CPU-s per step at batch
+32) that would be ~1,100 float forwards, so `schedule="auto"` (the default) switches such models to
+the CPU schedule, at most 100 iterations at batch 8 (DeiT-S W4A4: 180× the float forward; see
+schedule_for); its accuracy effect on a real model cannot be measured here (no pretrained weights);
+on the bundled model, forced with `schedule="cpu"`: see benchmarks/results/accuracy_notes.md. On the bundled 6-block model, 200 iterations already lift W3A3 from
 93.3 % (calibration only) to 95.9 % top-1 (256 images).
 
 Calibration images: the method uses config.calib_size as given (32 by default). The paper trains on
@@ -58,7 +62,7 @@ from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.reconstruction import ReconstructionOptions, float_teacher, reconstruct_blocks
 from vitquant.methods.repq_vit import HeadChoice, ReparamChoice, reparameterize_post_ln
-from vitquant.methods.steps import fit_weights, observe_and_fit
+from vitquant.methods.steps import _probe, fit_weights, observe_and_fit
 from vitquant.models import roles
 from vitquant.quantizers import RangeRule, UniformQuantizer
 from vitquant.quantizers.sulq import DEFAULT_ETAS, ShiftUniformLog2Quantizer
@@ -70,8 +74,9 @@ WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 
 
 @dataclass
 class IaSViTOptions:
-    iters: int | None = None  # per unit and stage; None: cpu_iters (a fifth of the paper's schedule)
-    batch_size: int = 32
+    iters: int | None = None  # per unit and stage; None: from `schedule`
+    batch_size: int | None = None  # None: from `schedule`
+    schedule: Literal["auto", "reference", "cpu"] = "auto"  # see schedule_for
     lr: float = 4e-5
     stage1_inputs: Literal["float", "quantized"] = "float"
     reparam_head: HeadChoice = "auto"  # also treat the final norm → head input channel-wise, then reparameterize
@@ -84,6 +89,10 @@ class IaSViTOptions:
     def __post_init__(self) -> None:
         if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 0):
             raise ValueError(f"iters must be None or a non-negative integer, got {self.iters!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be None or a positive integer, got {self.batch_size!r}")
+        if self.schedule not in ("auto", "reference", "cpu"):
+            raise ValueError(f"schedule must be 'auto', 'reference' or 'cpu', got {self.schedule!r}")
         if self.stage1_inputs not in ("float", "quantized"):
             raise ValueError(f"stage1_inputs must be 'float' or 'quantized', got {self.stage1_inputs!r}")
         self.etas = tuple(float(e) for e in self.etas)
@@ -93,11 +102,11 @@ class IaSViTOptions:
         self.weight_candidates = tuple(float(c) for c in self.weight_candidates)
         RangeRule("mse", candidates=self.act_candidates)  # validates
         RangeRule("mse", candidates=self.weight_candidates)
-        self.reconstruction("float", "float", 0, 0)  # validates batch_size and lr
+        self.reconstruction("float", "float", 0, 0, self.batch_size or 32)  # validates lr
 
-    def reconstruction(self, weights: str, inputs: str, iters: int, seed: int) -> ReconstructionOptions:
+    def reconstruction(self, weights: str, inputs: str, iters: int, seed: int, batch_size: int) -> ReconstructionOptions:
         # every quantizer parameter stays frozen in both stages: only weights and biases learn
-        return ReconstructionOptions(iters=iters, batch_size=self.batch_size, weights=weights, inputs=inputs,
+        return ReconstructionOptions(iters=iters, batch_size=batch_size, weights=weights, inputs=inputs,
                                      learn_act_scales=False, weight_lr=self.lr, seed=seed,
                                      early_stop=self.early_stop, bf16=self.bf16)
 
@@ -108,8 +117,28 @@ def paper_iters(w_bits: int, a_bits: int) -> int:
 
 
 def cpu_iters(w_bits: int, a_bits: int) -> int:
-    """The default: a fifth of the paper's schedule, so CPU runs take minutes."""
+    """The reference schedule: a fifth of the paper's, so CPU runs take minutes."""
     return paper_iters(w_bits, a_bits) // 5
+
+
+# A unit output of at least this many floats per image makes a model real-size (DeiT-T/S at 224²: 37,824
+# / 75,648; the reference models: 3,264 for the ViTs, 9,408 for the Swin's first stage).
+REAL_SIZE_FLOATS = 2**15
+CPU_SCHEDULE = (100, 8)  # (iterations at most, batch): real-size models' default on a CPU
+
+
+def schedule_for(opts: "IaSViTOptions", w_bits: int, a_bits: int, unit_floats: int) -> tuple[int, int]:
+    """(iterations per unit and stage, batch size). "reference": cpu_iters at batch 32, sized for the
+    17-token reference models (on the bundled model W3A3 93.3 → 95.9); "cpu": at most 100 iterations at
+    batch 8 — a DeiT-S step at batch 32 costs ~3× one at batch 8 and ~1.5 CPU-s, so the reference
+    schedule would be ~6× this one (benchmarks/results/calibration_cost.md); "auto" (default): "cpu" for
+    real-size models (a unit output of ≥ REAL_SIZE_FLOATS per image), else "reference". Explicit
+    `iters` / `batch_size` override either."""
+    name = opts.schedule if opts.schedule != "auto" else ("cpu" if unit_floats >= REAL_SIZE_FLOATS else "reference")
+    iters, batch = cpu_iters(w_bits, a_bits), 32
+    if name == "cpu":
+        iters, batch = min(iters, CPU_SCHEDULE[0]), CPU_SCHEDULE[1]
+    return (iters if opts.iters is None else opts.iters), (batch if opts.batch_size is None else opts.batch_size)
 
 
 class IaSViT(Method):
@@ -121,7 +150,8 @@ class IaSViT(Method):
     def calibrate(self, ctx) -> None:
         qmodel, calib, config, plan, progress = ctx.qmodel, ctx.calib, ctx.config, ctx.plan, ctx.progress
         opts = self.options(config)
-        iters = cpu_iters(config.w_bits, config.a_bits) if opts.iters is None else opts.iters
+        unit_floats = max(_probe(qmodel, ctx.structure.units, ctx.images()[:1])[0].values(), default=0)
+        iters, batch = schedule_for(opts, config.w_bits, config.a_bits, unit_floats)
         act_rule = RangeRule("mse", candidates=opts.act_candidates)
         reparam = ReparamChoice(ctx, opts.reparam_head, every_layer=True)
 
@@ -134,7 +164,7 @@ class IaSViT(Method):
         # Stage 1: float weights, channel-wise post-LN activations; reconstruction trains the weights
         observe_and_fit(ctx, choose)
         mappings = reparam.mappings()
-        stage1 = opts.reconstruction("float", opts.stage1_inputs, iters, config.seed)
+        stage1 = opts.reconstruction("float", opts.stage1_inputs, iters, config.seed, batch)
         reconstruct_blocks(qmodel, calib, stage1, progress=progress, teacher=teacher)
         # Stage 2: channel-wise → layer-wise, lossless while weights are float
         for mapping in mappings:
@@ -143,5 +173,5 @@ class IaSViT(Method):
             reparameterize_post_ln(qmodel, mapping)
         # Stage 3: weight quantization on (straight-through), the same reconstruction again
         fit_weights(qmodel, plan, RangeRule("mse", candidates=opts.weight_candidates))
-        stage3 = opts.reconstruction("ste", "quantized", iters, config.seed + 1)
+        stage3 = opts.reconstruction("ste", "quantized", iters, config.seed + 1, batch)
         reconstruct_blocks(qmodel, calib, stage3, progress=progress, teacher=teacher)
