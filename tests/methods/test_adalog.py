@@ -177,3 +177,20 @@ def test_reparam_head_rescues_outlier_channels_at_the_head(model_and_data, sqnr)
     assert head.act_sites()["head.input"].quantizer.channel_axis is None
     with torch.no_grad():
         assert sqnr(ref, head(x)) > sqnr(ref, plain(x)) + 2
+
+
+def test_inputs_up_to_whole_rows_are_searched_whole(model_and_data):
+    """32 images × 17 tokens = 544 rows per Linear input: with whole_rows ≥ 544 a tiny row budget
+    (search_macs) changes nothing — the search is the unsampled one (search_macs=0), bit for bit; with
+    whole_rows below 544 the same budget samples the rows and the quantizers change."""
+    model, calib, x = model_and_data
+
+    def run(**opts):
+        q = vitquant.quantize(model, QuantConfig.preset("w4a4", method="adalog", options={**FAST, **opts}), calib,
+                              progress=False)
+        with torch.no_grad():
+            return q(x)
+
+    full = run(search_macs=0)
+    assert torch.equal(run(search_macs=2**10, whole_rows=544), full)
+    assert not torch.equal(run(search_macs=2**10, whole_rows=543), full)

@@ -58,9 +58,10 @@ class CoreCapture:
 @dataclass
 class Subsample:
     """What a bounded capture keeps: `rows[layer]` rows of each Linear's input (a layer not named keeps
-    all), the operands of `core_images` images per core (None: all). `seed` fixes the samples."""
+    all; a callable gets the layer's total row count and returns how many to keep), the operands of
+    `core_images` images per core (None: all). `seed` fixes the samples."""
 
-    rows: dict[str, int] | None = None
+    rows: dict[str, int | Callable[[int], int]] | None = None
     core_images: int | None = None
     seed: int = 0
 
@@ -73,6 +74,12 @@ class _RowSample:
         self.index: torch.Tensor | None = None
         self.offset = 0
         self.lo = self.hi = None
+
+    def resolve(self, total: int) -> int:
+        """The rows kept of a layer input with `total` rows (a callable keep is asked once)."""
+        if callable(self.keep):
+            self.keep = int(self.keep(total))
+        return self.keep
 
     def take(self, rows: torch.Tensor, batch_images: int) -> torch.Tensor:
         """The sampled rows of this batch's [rows, C] (and their positions, kept for the gradient)."""
@@ -203,7 +210,8 @@ def capture(
         with quiet():
             x = args[0].detach()
             sample = samples.get(module.name)
-            if sample is None or x.reshape(-1, x.shape[-1]).shape[0] // max(1, batch_images[0]) * n_images <= sample.keep:
+            total = x.reshape(-1, x.shape[-1]).shape[0] // max(1, batch_images[0]) * n_images
+            if sample is None or total <= sample.resolve(total):
                 inputs[module.name].append(x)
                 if with_grad and out.requires_grad:
                     out.register_hook(lambda g: grads[module.name].append(g.detach()))

@@ -33,13 +33,16 @@ Deviations from the paper / official code:
   at ~20%, which caps the error of 6–8-bit post-GELU inputs (on a tiny ViT, W8A8 output SQNR 21 dB
   with q ≥ 10 against 37 dB with q ≥ 1; cf. AdaLog issue #2, W8A8 collapse).
 - The post-GELU combining stage keeps top_k bases (the code: 8) and top_k combinations (the code: 32).
-- Rows evaluated: at most `max_rows` = 4096 rows of a layer's input, and fewer where one candidate
-  evaluation would cost more than `search_macs` = 5·2^24 multiply-adds (at least `min_rows` = 128;
-  DeiT-S: 142-569 of 6,304 tokens); the attention searches use the operands of as many images as make
-  one Q·Kᵀ evaluation cost at most `core_macs` = 2^26 (DeiT-S: 4 of 32). Both budgets are the smallest
-  round ones that keep every reference model whole (bundled, 12-block, Swin), so their results are
-  those of the full search. Samples are seeded; candidate ranges still come from the extremes of every
-  row and image. Measured effect: benchmarks/results/calibration_cost.md.
+- Rows evaluated: a layer input (a Linear's tokens, a conv's patches) of at most `whole_rows` = 2048
+  rows is searched whole (bundled and 12-block models: 544 rows; Swin stage 2: 1,568); a larger one
+  keeps at most `max_rows` = 4096 rows (Swin stage 1: 4,096 of 6,272), and fewer where one candidate
+  evaluation would cost more than `search_macs` = 2^26 multiply-adds (at least `min_rows` = 128;
+  DeiT-S at 32 images: 128-455 of 6,304 tokens). The attention searches use the operands of as many
+  images as make one Q·Kᵀ evaluation cost at most `core_macs` = 2^26 (reference models: all 32; DeiT-S:
+  4 of 32). Samples are seeded; candidate ranges still come from the extremes of every row and image.
+  The row budget was 5·2^24 (DeiT-S: 142-569 rows; the reference models sampled as now) until issue
+  16's cost budget asked for less: measured on random-init DeiT-S W4A4 (1 thread), 176.7 → 148.3 CPU-s,
+  logit SQNR vs float 6.84 → 6.53 dB. Cost: benchmarks/results/calibration_cost.md.
 - The official loader applies timm's *training* transform to the calibration images; vitquant uses
   the model's evaluation preprocessing.
 """
@@ -65,12 +68,15 @@ from vitquant.quantizers.adalog import GELU_SHIFT, R_DEFAULT, TABLES, adalog_cod
 
 
 # AdaLog evaluates ~130 FPCS candidates per search and 138 log bases per attention map, several
-# searches per layer: its samples are smaller than the other searches' (grid_search.SEARCH_MACS), yet
-# every reference model is still evaluated whole. 5·2^24 multiply-adds keep all 544 rows of the bundled
-# and 12-block models' widest Linear (192 × 768) and every Swin reference layer (≤ 58 M for all rows);
-# 2^26 keep all 32 images of their attention maps (Swin stage 1: 14.7 M). DeiT-S at 32 images: 142-569
-# of 6,304 rows, 4 of 32 images.
-ADALOG_SEARCH_MACS = 5 * 2**24
+# searches per layer: its samples are smaller than the other searches' (grid_search.SEARCH_MACS). A
+# layer with at most ADALOG_WHOLE_ROWS input rows is evaluated whole: every reference model's layers
+# (bundled/12-block: 544 rows; Swin stage 2: 1,568 rows ≤ 58 M multiply-adds), as before. Larger inputs
+# keep as many rows as make one candidate evaluation cost 2^26 multiply-adds (DeiT-S at 32 images: 128-455
+# of 6,304 rows; it was 5·2^24, 142-569 rows: measured on random-init DeiT-S W4A4, 1 thread, 176.7 →
+# 148.3 CPU-s, logit SQNR vs float 6.84 → 6.53 dB). Attention: 2^26 keep all 32 images of the reference
+# models' attention maps (Swin stage 1: 14.7 M); DeiT-S 4 of 32 images.
+ADALOG_SEARCH_MACS = 2**26
+ADALOG_WHOLE_ROWS = 2048
 ADALOG_CORE_MACS = 2**26
 
 
@@ -90,6 +96,7 @@ class AdaLogOptions:
     max_rows: int = 4096  # rows (tokens) of a layer's input used by the search, at most
     search_macs: int = ADALOG_SEARCH_MACS  # fewer rows where one candidate evaluation would cost more; 0: off
     min_rows: int = 128  # rows a Linear's search keeps at least
+    whole_rows: int = ADALOG_WHOLE_ROWS  # a Linear input with at most this many rows is searched whole
     core_macs: int = ADALOG_CORE_MACS  # fewer images where one Q·Kᵀ evaluation would cost more; 0: all images
     reconstruct: bool = False
     reconstruct_iters: int = 200
@@ -192,10 +199,13 @@ class AdaLog(Method):
         by_cost = search_rows(in_features, out_features, self.opts.search_macs, self.opts.min_rows)
         return self.opts.max_rows if by_cost is None else min(self.opts.max_rows, by_cost)
 
-    def _capture_rows(self, layer) -> int | None:
-        """Linear inputs are sampled while captured (the capture keeps their exact extremes); conv
-        inputs whole, their unfolded patches are sampled in `_rows`."""
-        return self._keep(layer.in_features, layer.out_features) if isinstance(layer, QuantLinear) else None
+    def _capture_rows(self, layer):
+        """Linear inputs are sampled while captured (the capture keeps their exact extremes) unless they
+        have at most whole_rows rows; conv inputs whole, their unfolded patches are sampled in `_rows`."""
+        if not isinstance(layer, QuantLinear):
+            return None
+        keep = self._keep(layer.in_features, layer.out_features)
+        return lambda total: total if total <= self.opts.whole_rows else keep
 
     def _rows(self, layer, cap) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The layer's input as [rows, in] (a seeded sample), and the exact per-column (min, max) of all
@@ -212,7 +222,7 @@ class AdaLog(Method):
             return rows, (cap.lo.float(), cap.hi.float())
         keep = self.opts.max_rows if isinstance(layer, QuantLinear) or layer.groups != 1 else self._keep(
             rows.shape[1], layer.weight.shape[0])
-        if rows.shape[0] > keep:
+        if rows.shape[0] > max(keep, self.opts.whole_rows):
             extremes = (rows.amin(dim=0), rows.amax(dim=0))
             return rows[torch.randperm(rows.shape[0], generator=self.gen)[:keep].sort().values], extremes
         return rows, None
