@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 import vitquant  # noqa: E402
+from vitquant.export.isa import detect_cpu, u8s8_can_saturate  # noqa: E402
 from vitquant.export.onnx_qdq import export  # noqa: E402
 from vitquant.export.parity import check_parity  # noqa: E402
 from vitquant.export.runtime import OrtModel, session  # noqa: E402
@@ -73,6 +74,11 @@ def test_both_exact_schemes_give_the_same_model(scheme, dtype, tiny_vit_factory,
     w = [onnx.numpy_helper.to_array(t) for t in report.model.graph.initializer if t.name.endswith(".weight_q")]
     assert w and all(a.dtype == dtype for a in w)
     out, ref = OrtModel(report.model)(images), qmodel(images).detach()
+    if scheme == "u8s8" and u8s8_can_saturate(detect_cpu()):
+        # no VNNI here (the probe saw int16 pair sums saturate): forced u8s8 is inexact, and says so
+        assert any("saturate" in n for n in report.scheme.notes)
+        assert (ref.argmax(1) == out.argmax(1)).float().mean() > 0.5
+        pytest.skip("this CPU's u8s8 kernel saturates int16 pair sums (no VNNI): only u8u8 is exact here")
     assert _identical(ref, out) >= EXACT_IMAGES
 
 
