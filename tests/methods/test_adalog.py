@@ -194,3 +194,26 @@ def test_inputs_up_to_whole_rows_are_searched_whole(model_and_data):
     full = run(search_macs=0)
     assert torch.equal(run(search_macs=2**10, whole_rows=544), full)
     assert not torch.equal(run(search_macs=2**10, whole_rows=543), full)
+
+
+def test_schedule_sets_the_rounds_one_on_real_size_models_two_on_the_reference_ones(model_and_data, monkeypatch):
+    from vitquant.methods import steps
+
+    model, calib, x = model_and_data
+    fast = {k: v for k, v in FAST.items() if k != "rounds"}
+
+    def logits(**options):
+        cfg = QuantConfig(method="adalog", w_bits=4, a_bits=4, options={**fast, **options})
+        with torch.no_grad():
+            return vitquant.quantize(model, cfg, calib, progress=False)(x)
+
+    one, two = logits(rounds=1), logits(rounds=2)
+    assert not torch.equal(one, two)  # the rounds matter here, so the checks below can fail
+    assert torch.equal(logits(), two)  # a 64-wide, 17-token model is a reference-size model
+    assert torch.equal(logits(schedule="cpu"), one) and torch.equal(logits(schedule="reference", rounds=1), one)
+    monkeypatch.setattr(steps, "REAL_SIZE_FLOATS", 17 * 64)  # now its unit outputs count as real-size
+    assert torch.equal(logits(), one)
+    from vitquant.methods.adalog import AdaLogOptions
+
+    with pytest.raises(ValueError, match="schedule"):
+        AdaLogOptions(schedule="fast")

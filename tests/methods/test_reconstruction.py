@@ -115,3 +115,25 @@ def test_a_unit_is_never_left_worse_than_it_came_in():
     with torch.no_grad():
         ref, out = logits_of(model(x1)).flatten().double(), logits_of(q(x1)).flatten().double()
     assert torch.nn.functional.cosine_similarity(ref, out, dim=0) > 0.99
+
+
+def test_float_teacher_shares_the_original_weights_and_leaves_them_alone(tiny_vit_factory, calib_images):
+    from vitquant.methods.reconstruction import float_teacher
+
+    model = tiny_vit_factory(depth=2, embed_dim=32)
+    qmodel = prepare(model)
+    with torch.no_grad():
+        qmodel.model.blocks[1].mlp.fc2.weight.mul_(2)  # a weight the prepared model no longer shares in value
+    teacher = float_teacher(qmodel, model)
+    original = dict(model.named_parameters())
+    shared = {n for n, p in teacher.model.named_parameters() if p.data_ptr() == original[n].data_ptr()}
+    assert shared == set(original) - {"blocks.1.mlp.fc2.weight"}  # that one is copied, as it is in qmodel
+    assert torch.equal(teacher.model.blocks[1].mlp.fc2.weight, qmodel.model.blocks[1].mlp.fc2.weight)
+    assert all(p.requires_grad for p in model.parameters())  # the user's flags are untouched
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():  # training qmodel in place does not move the teacher
+        qmodel.model.blocks[0].attn.qkv.weight.add_(1)
+        with qmodel.bypassed():
+            changed = qmodel(calib_images[:4])
+        assert not torch.equal(teacher(calib_images[:4]), changed)
+        assert torch.equal(teacher.model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)

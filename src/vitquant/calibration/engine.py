@@ -253,6 +253,9 @@ class Context:
     config: "QuantConfig"
     plan: "SitePlan"
     progress: bool = True
+    # the user's float model that `qmodel` was prepared from (None: not available), left untouched; a
+    # float teacher may share its weights instead of copying them (reconstruction.float_teacher)
+    float_model: "torch.nn.Module | None" = field(default=None, repr=False)
     # site name → exact per-channel (min, max) of its float input, from this context's observe passes
     _ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 

@@ -11,12 +11,14 @@ Recipe (calibration only; parallel: every layer's inputs and outputs come from t
    reparameterization to one layer-wise grid (repq_vit.reparameterize_post_ln), then searched again.
 5. Every other Linear/conv input layer-wise (patch embedding at `patch_embed_input_bits`), weights
    per output channel, asymmetric; each layer: weight and input ranges first by their own error, then
-   `rounds` rounds alternating FPCS on the layer's output error (methods/fpcs.py).
+   `rounds` rounds alternating FPCS on the layer's output error (methods/fpcs.py); the attention
+   operands alternate as many rounds.
 6. Optional block reconstruction (`reconstruct=True`, the paper's "--optimize"): the shared step of
    methods/reconstruction.py, run before the bias fold.
 
 Options and their CPU-friendly defaults (the paper/code value in brackets): candidates 32 [128],
-top_k 4 [16; 32 in the post-GELU combining stage], steps 4 [6], rounds 2 [3], q_range (1, 138)
+top_k 4 [16; 32 in the post-GELU combining stage], steps 4 [6], rounds 2 [3] (1 on real-size models,
+see below), q_range (1, 138)
 [(10, 138)]. Pass {"candidates": 128, "top_k": 16, "steps": 6, "rounds": 3, "q_range": (10, 138)} for
 the official search. `reparam_head` (default "auto"; not in the paper or code) also reparameterizes the
 final norm → head input, as RepQ-ViT's option of that name — "auto" only where that input's channel
@@ -38,17 +40,24 @@ Deviations from the paper / official code:
   keeps at most `max_rows` = 4096 rows (Swin stage 1: 4,096 of 6,272), and fewer where one candidate
   evaluation would cost more than `search_macs` = 2^26 multiply-adds (at least `min_rows` = 128;
   DeiT-S at 32 images: 128-455 of 6,304 tokens). The attention searches use the operands of as many
-  images as make one Q·Kᵀ evaluation cost at most `core_macs` = 2^26 (reference models: all 32; DeiT-S:
-  4 of 32). Samples are seeded; candidate ranges still come from the extremes of every row and image.
+  images as make one Q·Kᵀ evaluation cost at most `core_macs` = 2^25 (reference models: all 32; DeiT-S:
+  2 of 32; it was 2^26, 4 images, for no measurable gain: DeiT-S logit SQNR 7.48 dB at 4 images, 7.56
+  at 2). Samples are seeded; candidate ranges still come from the extremes of every row and image.
   The row budget was 5·2^24 (DeiT-S: 142-569 rows; the reference models sampled as now) until issue
   16's cost budget asked for less: measured on random-init DeiT-S W4A4 (1 thread), 176.7 → 148.3 CPU-s,
   logit SQNR vs float 6.84 → 6.53 dB. Cost: benchmarks/results/calibration_cost.md.
+- `schedule="auto"` (default): on a real-size model (a unit output of ≥ 2^15 floats per image, DeiT-T
+  and larger) one weight/input alternation round instead of 2, since a round there re-fits the same row
+  sample: random-init DeiT-S W4A4 at 2 threads 154 → 84 CPU-s, logit SQNR 7.48 → 7.26 dB (seed 1:
+  7.67 → 7.59); fewer rows for the same saving cost more (see ROUNDS). The reference models keep 2
+  rounds (unchanged results); `schedule="reference"`/`"cpu"` or an explicit `rounds` override it.
 - The official loader applies timm's *training* transform to the calibration images; vitquant uses
   the model's evaluation preprocessing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +69,7 @@ from vitquant.methods.fpcs import FPCS, evaluate, uniform_fake
 from vitquant.methods.grid_search import search_rows
 from vitquant.methods.reparam import fold_input_shift
 from vitquant.methods.repq_vit import HeadChoice, ReparamChoice, head_outliers, reparameterize_post_ln
-from vitquant.methods.steps import capture_by_units
+from vitquant.methods.steps import capture_by_units, schedule_name
 from vitquant.models import roles
 from vitquant.models.qmodules import QuantConv2d, QuantLinear
 from vitquant.quantizers import AdaLogQuantizer, UniformQuantizer
@@ -73,11 +82,17 @@ from vitquant.quantizers.adalog import GELU_SHIFT, R_DEFAULT, TABLES, adalog_cod
 # (bundled/12-block: 544 rows; Swin stage 2: 1,568 rows ≤ 58 M multiply-adds), as before. Larger inputs
 # keep as many rows as make one candidate evaluation cost 2^26 multiply-adds (DeiT-S at 32 images: 128-455
 # of 6,304 rows; it was 5·2^24, 142-569 rows: measured on random-init DeiT-S W4A4, 1 thread, 176.7 →
-# 148.3 CPU-s, logit SQNR vs float 6.84 → 6.53 dB). Attention: 2^26 keep all 32 images of the reference
-# models' attention maps (Swin stage 1: 14.7 M); DeiT-S 4 of 32 images.
+# 148.3 CPU-s, logit SQNR vs float 6.84 → 6.53 dB). Attention: 2^25 keep all 32 images of the reference
+# models' attention maps (Swin stage 1: 14.7 M); DeiT-S 2 of 32 images (2^26, 4 images, until issue 16).
 ADALOG_SEARCH_MACS = 2**26
 ADALOG_WHOLE_ROWS = 2048
-ADALOG_CORE_MACS = 2**26
+ADALOG_CORE_MACS = 2**25
+# Weight/input alternation rounds per layer: "reference" (the reference models; the code: 3) and "cpu",
+# which schedule="auto" picks on real-size models (steps.REAL_SIZE_FLOATS). Measured on random-init
+# DeiT-S W4A4, 32 images, 2 threads (calibration CPU-s, logit SQNR vs float, seeds 0/1): 2 rounds
+# 154/159 CPU-s, 7.48/7.67 dB; 1 round (with the attention sample at 2 images) 84/78, 7.26/7.59 dB; the
+# alternative of fewer rows instead (96 per Linear, 2 rounds) 111 CPU-s (seed 0), 6.95/6.39 dB.
+ROUNDS = {"reference": 2, "cpu": 1}
 
 
 @dataclass
@@ -85,7 +100,8 @@ class AdaLogOptions:
     candidates: int = 32
     top_k: int = 4
     steps: int = 4
-    rounds: int = 2
+    rounds: int | None = None  # weight/input alternations per layer; None: from `schedule`
+    schedule: Literal["auto", "reference", "cpu"] = "auto"  # see ROUNDS
     q_range: tuple[int, int] = (1, 138)  # log-base candidates q, base 2^(q/r), inclusive (code: 10..138)
     r: int = R_DEFAULT
     table: str = "exact"
@@ -110,8 +126,10 @@ class AdaLogOptions:
             raise ValueError(f"table must be one of {TABLES}, got {self.table!r}")
         if self.post_gelu not in ("adalog", "uniform"):
             raise ValueError(f"post_gelu must be 'adalog' or 'uniform', got {self.post_gelu!r}")
-        if self.rounds < 1 or self.max_rows < 1 or self.r < 1:
+        if (self.rounds is not None and self.rounds < 1) or self.max_rows < 1 or self.r < 1:
             raise ValueError("rounds, max_rows and r must be positive")
+        if self.schedule not in ROUNDS and self.schedule != "auto":
+            raise ValueError(f"schedule must be 'auto', 'reference' or 'cpu', got {self.schedule!r}")
         for name in ("search_macs", "core_macs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -160,9 +178,10 @@ class AdaLog(Method):
         self.search = FPCS(opts.candidates, opts.top_k, opts.steps)
         self.table = mantissa_table(opts.r, config.a_bits, opts.table)
         self.gen = torch.Generator().manual_seed(config.seed)
+        units = ctx.structure.units
+        self.rounds = opts.rounds or ROUNDS[schedule_name(opts.schedule, qmodel, units, ctx.images())]
         reparam = ReparamChoice(ctx, opts.reparam_head)  # head mappings decided below, from the captured ranges
         first = {m.layers[0]: m for m in (reparam.post_ln if opts.reparam_post_ln else []) + reparam.heads}
-        units = ctx.structure.units
         captures = capture_by_units(qmodel, units, ctx.images(), 32, False, self._capture_rows,
                                     opts.core_macs or None, seed=config.seed)
         with torch.no_grad():
@@ -280,7 +299,7 @@ class AdaLog(Method):
                                                                [extra] if extra is not None else [], tensor_ext),
                            site.name)
 
-        for _ in range(self.opts.rounds):
+        for _ in range(self.rounds):
             if adalog:
                 self._search_post_gelu(act, x, uniform_fake(W, ws[:, None], wz[:, None], w_bits), bias, y, x_max)
             xq = x if act is None else act.fake_quant(x)
@@ -414,7 +433,7 @@ class AdaLog(Method):
         bc = lambda p: p[:, None, :, None, None]  # noqa: E731  [k, H] -> [k, 1, H, 1, 1]
         qs, ks = _minmax(heads(q), qb or bits, q_ext), _minmax(heads(kt), kb or bits, k_ext)
         floats = y.numel() + q.numel()
-        for _ in range(self.opts.rounds):
+        for _ in range(self.rounds):
             kq = fq_k(kt, ks[0][:, None, None], ks[1][:, None, None])
 
             def q_err(s, z):
@@ -447,7 +466,7 @@ class AdaLog(Method):
         neg_log = ((probs + 0.0) / one[0, 0]).clamp_min(0).log2_().neg_() if self.opts.table == "exact" else None
         floats = probs.numel() + y.numel()
         best_q = self.opts.r
-        for _ in range(self.opts.rounds):
+        for _ in range(self.rounds):
             vq = fq_v(v, vs[0][:, None, None], vs[1][:, None, None])
             if pb is not None:
 

@@ -35,13 +35,20 @@ PERCENTILE = 0.9  # the inner end of the candidate ranges (the code's l = 0.9, r
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _fits(shape: torch.Size, into: torch.Size) -> bool:
+    """Does `shape` broadcast into `into` without growing it? (torch.broadcast_shapes costs ~0.15 ms of
+    Python per call: 4.4 of adalog's 168 CPU-s on DeiT-S.)"""
+    return len(shape) <= len(into) and all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(into)))
+
+
 def uniform_fake(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Asymmetric uniform fake quantization, broadcasting like UniformQuantizer (same math, so the
     searched error is the error of the installed quantizer). Without autograd the steps run in place on
     one fresh tensor: the same operations in the same order (so the same values) as
-    (clamp(round(x / s) + z, 0, 2^b − 1) − z)·s, without a candidate-sized temporary per step."""
+    (clamp(round(x / s) + z, 0, 2^b − 1) − z)·s, without a candidate-sized temporary per step. (One
+    clamp to tensor bounds [−z, 2^b − 1 − z] would save two passes, but measured 2.5× slower here.)"""
     out = torch.div(x, scale)
-    if out.requires_grad or torch.broadcast_shapes(out.shape, zero_point.shape) != out.shape:
+    if out.requires_grad or not _fits(zero_point.shape, out.shape):
         return (torch.clamp(torch.round(out) + zero_point, 0, 2**bits - 1) - zero_point) * scale
     return out.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
 

@@ -11,7 +11,11 @@ from typing import Callable
 
 import torch
 
-CHUNK_FLOATS = 2**18  # 1 MiB of float32 per intermediate: cache-sized chunks ran ~2x faster than 16 MiB ones
+# Largest intermediate of one chunk, in floats (16 MiB of float32). It was 2^18 (1 MiB, cache-sized),
+# which split an attention search on DeiT-S into one image × one candidate per call (~0.4 ms each):
+# measured on random-init DeiT-S with 2 blocks, ptq4vit W4A4, 2 threads, idle machine: 2^18 27.6 CPU-s
+# (22.5 wall), 2^20 21.4, 2^22 19.5 (11.7 wall), 2^24 18.4; 1 thread 16.4 → 15.0; the same scales.
+CHUNK_FLOATS = 2**22
 # A candidate's error costs rows × in × out multiply-adds; on a real ViT (DeiT-S: 6,304 tokens from 32
 # images) a grid of ~250 evaluations per layer costs hundreds of forward passes. Searches therefore
 # evaluate a seeded sample of rows: as many as make one evaluation cost SEARCH_MACS (at least

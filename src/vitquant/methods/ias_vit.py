@@ -62,7 +62,7 @@ from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.reconstruction import ReconstructionOptions, float_teacher, reconstruct_blocks
 from vitquant.methods.repq_vit import HeadChoice, ReparamChoice, reparameterize_post_ln
-from vitquant.methods.steps import _probe, fit_weights, observe_and_fit
+from vitquant.methods.steps import REAL_SIZE_FLOATS, _probe, fit_weights, observe_and_fit
 from vitquant.models import roles
 from vitquant.quantizers import RangeRule, UniformQuantizer
 from vitquant.quantizers.sulq import DEFAULT_ETAS, ShiftUniformLog2Quantizer
@@ -121,9 +121,6 @@ def cpu_iters(w_bits: int, a_bits: int) -> int:
     return paper_iters(w_bits, a_bits) // 5
 
 
-# A unit output of at least this many floats per image makes a model real-size (DeiT-T/S at 224²: 37,824
-# / 75,648; the reference models: 3,264 for the ViTs, 9,408 for the Swin's first stage).
-REAL_SIZE_FLOATS = 2**15
 CPU_SCHEDULE = (100, 8)  # (iterations at most, batch): real-size models' default on a CPU
 
 
@@ -160,7 +157,7 @@ class IaSViT(Method):
                 return ShiftUniformLog2Quantizer(bits, opts.etas), act_rule
             return UniformQuantizer(bits, channel_axis=site.channel_axis if reparam.channel_wise(site) else None), act_rule
 
-        teacher = float_teacher(qmodel)  # the original float model: both stages' targets
+        teacher = float_teacher(qmodel, ctx.float_model)  # the original float model: both stages' targets
         # Stage 1: float weights, channel-wise post-LN activations; reconstruction trains the weights
         observe_and_fit(ctx, choose)
         mappings = reparam.mappings()

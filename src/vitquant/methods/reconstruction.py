@@ -61,6 +61,12 @@ from vitquant.errors import VitquantError
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
 from vitquant.models.quantized import QuantizedModel
 from vitquant.profiling import release_memory
+
+# Steps between two release_memory() calls: each step allocates and frees an autograd graph of a few
+# hundred MB (DeiT-S at batch 8), and the heap fragments across steps. Measured on a 2-block DeiT-S
+# (ias-vit W4A4, 100 steps per unit and stage, 2 threads): peak RSS 1283 MB without, 1243 every 10 steps
+# (process CPU 172 → 168 s), 1226 every step (CPU 238 s: re-faulting the returned pages costs more).
+TRIM_EVERY = 10
 from vitquant.quantizers import UniformQuantizer
 from vitquant.quantizers.adaround import AdaRoundWeight, beta_schedule
 from vitquant.quantizers.ste import LearnedScaleUniform, StraightThrough
@@ -134,9 +140,20 @@ def reconstruction_units(qmodel: QuantizedModel) -> list[str]:
     return [u.name for u in qmodel.structure.units]
 
 
-def float_teacher(qmodel: QuantizedModel) -> QuantizedModel:
-    """A frozen float copy: the targets stay those of the original model while `qmodel` changes."""
-    teacher = copy.deepcopy(qmodel)
+def float_teacher(qmodel: QuantizedModel, original: nn.Module | None = None) -> QuantizedModel:
+    """A frozen float copy: the targets stay those of the original model while `qmodel` changes.
+    original: the float model `qmodel` was prepared from; each parameter of it that `qmodel` still holds
+    unchanged (same name, shape and values) is shared with the teacher, not copied (DeiT-S: 84 MB less
+    while calibrating); the original's own parameters and flags are not touched."""
+    memo: dict[int, torch.Tensor] = {}
+    if original is not None:
+        mine = dict(original.named_parameters())
+        for name, p in qmodel.model.named_parameters():
+            o = mine.get(name)
+            if (o is not None and o.shape == p.shape and o.dtype == p.dtype and o.device == p.device
+                    and torch.equal(o.detach(), p.detach())):
+                memo[id(p)] = nn.Parameter(o.detach(), requires_grad=False)  # the same storage
+    teacher = copy.deepcopy(qmodel, memo)
     for unit in [*teacher.act_sites().values(), *teacher.weight_layers().values()]:
         unit.bypass = True
     return teacher.eval().requires_grad_(False)
@@ -327,6 +344,8 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
                     optimizer.step()
                     schedule.step()
                     done += 1
+                    if done % TRIM_EVERY == 0:
+                        release_memory()
                     bar.update()
                     if step % 10 == 0 or step == opts.iters - 1:
                         bar.set_postfix(loss=f"{rec.item():.4g}")

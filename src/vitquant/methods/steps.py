@@ -101,6 +101,19 @@ def freeze(qmodel: QuantizedModel) -> None:
 
 # -- layer-wise captures, unit by unit ---------------------------------------------------------------
 GRAD_BYTES = 256 * 2**20  # unit-output gradients held at once (see capture_by_units)
+# A unit output of at least this many floats per image makes a model real-size (DeiT-T/S at 224²: 37,824
+# / 75,648; the reference models: 3,264 for the ViTs, 9,408 for the Swin's first stage). Methods whose
+# reference schedule is sized for the reference models switch to a CPU schedule there (ias-vit, adalog).
+REAL_SIZE_FLOATS = 2**15
+
+
+def schedule_name(requested: str, qmodel: QuantizedModel, units: list, image: torch.Tensor) -> str:
+    """The schedule to run, "reference" or "cpu": as requested, or for "auto" "cpu" exactly on a
+    real-size model (one image probed)."""
+    if requested != "auto":
+        return requested
+    out_floats = _probe(qmodel, units, image[:1])[0]
+    return "cpu" if max(out_floats.values(), default=0) >= REAL_SIZE_FLOATS else "reference"
 
 
 def _probe(qmodel: QuantizedModel, units: list, image: torch.Tensor) -> tuple[dict[str, int], int | None]:
