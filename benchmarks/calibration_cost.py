@@ -188,7 +188,11 @@ def render(store: Path) -> str:
            f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, shared with other jobs), "
            f"torch {unit['torch'] if unit else '?'}.", "",
            f"Unit: the float model's no_grad forward over the same 32 images = "
-           f"{unit['cpu_s'] if unit else '?'} CPU s, peak RSS {unit['peak_rss_mb'] if unit else '?'} MB "
+           f"{unit['cpu_s'] if unit else '?'} CPU s"
+           + (f" (the median of {', '.join(map(str, unit['repeats_cpu_s']))} in {len(unit['repeats_cpu_s'])} processes: "
+              "one forward's CPU time varies that much, and every × below moves with it)"
+              if unit and unit.get("repeats_cpu_s") else "")
+           + f", peak RSS {unit['peak_rss_mb'] if unit else '?'} MB "
            "(process, model included). × = CPU time / that unit (each row against the float forward measured in "
            "its own sweep); ✗ = over the issue's budget (CPU: the budget column; peak RSS: 1.5× the float "
            "forward's). "

@@ -240,6 +240,23 @@ def test_list_shows_a_cost_hint_per_method(capsys):
         assert " s " in line or " min " in line, line
 
 
+def test_list_deit_s_costs_are_the_committed_measurements(capsys):
+    from pathlib import Path
+
+    from vitquant.cli import DEIT_S_COST
+
+    store = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "calibration_cost.jsonl"
+    rows = [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
+    latest = {r["method"]: r for r in rows if r.get("label") == "after" and r["model"] == "deit_s"
+              and r["images"] == 32 and "x_float_cpu" in r}
+    assert set(DEIT_S_COST) == set(latest) - {"float"}
+    for name, shown in DEIT_S_COST.items():
+        assert shown == f"{round(latest[name]['x_float_cpu'])}×", name
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(any(x.strip().startswith(n + " ") and f"DeiT-S {c}" in x for x in out) for n, c in DEIT_S_COST.items())
+
+
 def test_help_answers_without_importing_torch():
     # regression: `vitquant --help` imported torch, timm and every method first (~6 s)
     code = "import sys, vitquant.cli; vitquant.cli.build_parser(); print(sorted({'torch', 'timm'} & set(sys.modules)))"

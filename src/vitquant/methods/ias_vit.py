@@ -22,7 +22,7 @@ iteration of a 192-wide block at batch 32 takes 30-90 ms, so the reference sched
 that: 200 iterations when min(w_bits, a_bits) ≤ 4, else 40, at batch 32 (`paper_iters` gives the
 paper's; pass `iters=1000` to follow it). On a real-size model (DeiT-S: ~1.5 CPU-s per step at batch
 32) that would be ~1,100 float forwards, so `schedule="auto"` (the default) switches such models to
-the CPU schedule, at most 100 iterations at batch 8 (DeiT-S W4A4: 180× the float forward; see
+the CPU schedule, at most 100 iterations at batch 8 (DeiT-S W4A4: 266× the float forward, 964 CPU-s, 10 min wall at 2 threads; see
 schedule_for); its accuracy effect on a real model cannot be measured here (no pretrained weights);
 on the bundled model, forced with `schedule="cpu"`: see benchmarks/results/accuracy_notes.md. On the bundled 6-block model, 200 iterations already lift W3A3 from
 93.3 % (calibration only) to 95.9 % top-1 (256 images).
