@@ -69,7 +69,7 @@ from vitquant.methods.fpcs import FPCS, evaluate, uniform_fake
 from vitquant.methods.grid_search import search_rows
 from vitquant.methods.reparam import fold_input_shift
 from vitquant.methods.repq_vit import HeadChoice, ReparamChoice, head_outliers, reparameterize_post_ln
-from vitquant.methods.steps import capture_by_units, schedule_name
+from vitquant.methods.steps import capture_by_units, largest_unit_output, schedule_name
 from vitquant.models import roles
 from vitquant.models.qmodules import QuantConv2d, QuantLinear
 from vitquant.quantizers import AdaLogQuantizer, UniformQuantizer
@@ -179,7 +179,8 @@ class AdaLog(Method):
         self.table = mantissa_table(opts.r, config.a_bits, opts.table)
         self.gen = torch.Generator().manual_seed(config.seed)
         units = ctx.structure.units
-        self.rounds = opts.rounds or ROUNDS[schedule_name(opts.schedule, qmodel, units, ctx.images())]
+        self.rounds = opts.rounds or ROUNDS[schedule_name(
+            opts.schedule, largest_unit_output(qmodel, units, ctx.images()) if opts.schedule == "auto" else 0)]
         reparam = ReparamChoice(ctx, opts.reparam_head)  # head mappings decided below, from the captured ranges
         first = {m.layers[0]: m for m in (reparam.post_ln if opts.reparam_post_ln else []) + reparam.heads}
         captures = capture_by_units(qmodel, units, ctx.images(), 32, False, self._capture_rows,

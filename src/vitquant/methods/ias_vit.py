@@ -62,7 +62,8 @@ from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
 from vitquant.methods.reconstruction import ReconstructionOptions, float_teacher, reconstruct_blocks
 from vitquant.methods.repq_vit import HeadChoice, ReparamChoice, reparameterize_post_ln
-from vitquant.methods.steps import REAL_SIZE_FLOATS, _probe, fit_weights, observe_and_fit
+from vitquant.methods.steps import REAL_SIZE_FLOATS  # noqa: F401  (re-exported: schedule_for's threshold)
+from vitquant.methods.steps import fit_weights, largest_unit_output, observe_and_fit, schedule_name
 from vitquant.models import roles
 from vitquant.quantizers import RangeRule, UniformQuantizer
 from vitquant.quantizers.sulq import DEFAULT_ETAS, ShiftUniformLog2Quantizer
@@ -131,7 +132,7 @@ def schedule_for(opts: "IaSViTOptions", w_bits: int, a_bits: int, unit_floats: i
     schedule would be ~6× this one (benchmarks/results/calibration_cost.md); "auto" (default): "cpu" for
     real-size models (a unit output of ≥ REAL_SIZE_FLOATS per image), else "reference". Explicit
     `iters` / `batch_size` override either."""
-    name = opts.schedule if opts.schedule != "auto" else ("cpu" if unit_floats >= REAL_SIZE_FLOATS else "reference")
+    name = schedule_name(opts.schedule, unit_floats)
     iters, batch = cpu_iters(w_bits, a_bits), 32
     if name == "cpu":
         iters, batch = min(iters, CPU_SCHEDULE[0]), CPU_SCHEDULE[1]
@@ -147,7 +148,7 @@ class IaSViT(Method):
     def calibrate(self, ctx) -> None:
         qmodel, calib, config, plan, progress = ctx.qmodel, ctx.calib, ctx.config, ctx.plan, ctx.progress
         opts = self.options(config)
-        unit_floats = max(_probe(qmodel, ctx.structure.units, ctx.images()[:1])[0].values(), default=0)
+        unit_floats = largest_unit_output(qmodel, ctx.structure.units, ctx.images())
         iters, batch = schedule_for(opts, config.w_bits, config.a_bits, unit_floats)
         act_rule = RangeRule("mse", candidates=opts.act_candidates)
         reparam = ReparamChoice(ctx, opts.reparam_head, every_layer=True)

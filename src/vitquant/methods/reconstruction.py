@@ -61,15 +61,16 @@ from vitquant.errors import VitquantError
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
 from vitquant.models.quantized import QuantizedModel
 from vitquant.profiling import release_memory
+from vitquant.quantizers import UniformQuantizer
+from vitquant.quantizers.adaround import AdaRoundWeight, beta_schedule
+from vitquant.quantizers.ste import LearnedScaleUniform, StraightThrough
 
 # Steps between two release_memory() calls: each step allocates and frees an autograd graph of a few
 # hundred MB (DeiT-S at batch 8), and the heap fragments across steps. Measured on a 2-block DeiT-S
 # (ias-vit W4A4, 100 steps per unit and stage, 2 threads): peak RSS 1283 MB without, 1243 every 10 steps
 # (process CPU 172 → 168 s), 1226 every step (CPU 238 s: re-faulting the returned pages costs more).
 TRIM_EVERY = 10
-from vitquant.quantizers import UniformQuantizer
-from vitquant.quantizers.adaround import AdaRoundWeight, beta_schedule
-from vitquant.quantizers.ste import LearnedScaleUniform, StraightThrough
+
 
 WEIGHT_MODES = ("adaround", "ste", "float", "fixed")
 

@@ -107,13 +107,17 @@ GRAD_BYTES = 256 * 2**20  # unit-output gradients held at once (see capture_by_u
 REAL_SIZE_FLOATS = 2**15
 
 
-def schedule_name(requested: str, qmodel: QuantizedModel, units: list, image: torch.Tensor) -> str:
+def largest_unit_output(qmodel: QuantizedModel, units: list, image: torch.Tensor) -> int:
+    """Floats per image of the largest unit output (one image probed)."""
+    return max(_probe(qmodel, units, image[:1])[0].values(), default=0)
+
+
+def schedule_name(requested: str, unit_floats: int) -> str:
     """The schedule to run, "reference" or "cpu": as requested, or for "auto" "cpu" exactly on a
-    real-size model (one image probed)."""
+    real-size model (its largest unit output has ≥ REAL_SIZE_FLOATS floats per image)."""
     if requested != "auto":
         return requested
-    out_floats = _probe(qmodel, units, image[:1])[0]
-    return "cpu" if max(out_floats.values(), default=0) >= REAL_SIZE_FLOATS else "reference"
+    return "cpu" if unit_floats >= REAL_SIZE_FLOATS else "reference"
 
 
 def _probe(qmodel: QuantizedModel, units: list, image: torch.Tensor) -> tuple[dict[str, int], int | None]:
