@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitquant import distributed
 from vitquant.calibration.data import CalibrationSet, data_config_for, load_calibration
 from vitquant.calibration.datafree import generated_calibration, is_generated_source
 from vitquant.calibration.engine import Context
@@ -73,7 +74,9 @@ def quantize(
                                  n=config.calib_size, seed=config.seed, min_images=min_images)
     torch.manual_seed(config.seed)
     with measure() as m:
-        method.calibrate(Context(qmodel, calib, config, plan, progress, float_model=model))
+        # under torchrun every rank calibrates (the observe pass split among them, see Context.observe) and
+        # ends with the same quantizers; progress shows on rank 0
+        method.calibrate(Context(qmodel, calib, config, plan, progress and distributed.is_main(), float_model=model))
         apply_plan(qmodel, plan)
         stand_ins = make_deployable(qmodel) if config.deployable else []
         freeze(qmodel)

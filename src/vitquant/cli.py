@@ -14,7 +14,8 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager, redirect_stdout
+from typing import Iterator, Sequence
 
 from vitquant.errors import VitquantError
 
@@ -151,7 +152,10 @@ def cmd_quantize(args) -> int:
         if files:
             qmodel.stats["calibration_grid"] = "calibration_images.png"  # inside the output directory
         extra = _evaluate_for_report(args, qmodel, model)
-        vitquant.save(qmodel, out, force=args.force, extra={**extra, **mixed_extra}, extra_files=files)
+        from vitquant import distributed
+
+        if distributed.is_main():  # under torchrun every rank holds the same model; one writes it
+            vitquant.save(qmodel, out, force=args.force, extra={**extra, **mixed_extra}, extra_files=files)
     _print_quantized(args, config, qmodel.stats, out, extra)
     for line in summary_lines(mixed_extra):
         print(line)
@@ -445,11 +449,37 @@ def report_error(e: BaseException) -> int:
     return 2
 
 
+DISTRIBUTED_COMMANDS = ("quantize", "eval")
+
+
+@contextmanager
+def _launched(command: str, device: str | None) -> Iterator[None]:
+    """Under `torchrun` (WORLD_SIZE > 1): join the process group for the commands that run data-parallel, and
+    let only rank 0 print; refuse the others. A plain run is untouched (torch is not even imported)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        yield
+        return
+    if command not in DISTRIBUTED_COMMANDS:
+        raise VitquantError(f"`vitquant {command}` does not run distributed; run it without torchrun (only "
+                            f"{' and '.join(DISTRIBUTED_COMMANDS)} do)")
+    from vitquant import distributed
+
+    distributed.init(device=device)
+    if distributed.is_main():
+        yield
+    else:
+        with open(os.devnull, "w") as quiet, redirect_stdout(quiet), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    distributed.finish()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        return args.func(args)
+        with _launched(args.command, getattr(args, "device", None)):
+            return args.func(args)
     except (VitquantError, OSError) as e:  # OSError: a refusal the checks could not foresee (disk full)
         return report_error(e)
     except KeyboardInterrupt:

@@ -144,6 +144,18 @@ def load_labeled(source, data_cfg: dict, limit: int | None = None) -> LabeledSet
     if not isinstance(source, (str, os.PathLike)):
         raise VitquantError(f"unsupported evaluation source of type {type(source).__name__}; "
                             "pass 'bundled' or an ImageFolder folder (one subfolder per class)")
+    folder, classes, files = labeled_files(source)
+    if limit is not None:
+        random.Random(0).shuffle(files)
+    want = len(files) if limit is None else min(limit, len(files))
+    images, used, skipped = _decode_until(folder, [path for path, _ in files], want, data_cfg, "evaluation")
+    labels = torch.tensor([files[i][1] for i in used], dtype=torch.int64)
+    return LabeledSet(images, labels, _folder_description(folder, len(images), len(files), skipped), classes, skipped)
+
+
+def labeled_files(source: str | os.PathLike) -> tuple[Path, list[str], list[tuple[Path, int]]]:
+    """An ImageFolder folder's (folder, class names in sorted order, [(image file, class index)]), the files
+    in class order and sorted within each class."""
     folder = _existing_folder(Path(source), "evaluation")
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
@@ -153,12 +165,7 @@ def load_labeled(source, data_cfg: dict, limit: int | None = None) -> LabeledSet
     if not files:
         raise VitquantError(f"evaluation folder '{folder}' holds no image files in its {len(classes)} class "
                             f"subfolders (looked for {_extensions_text()}); add images to the class subfolders")
-    if limit is not None:
-        random.Random(0).shuffle(files)
-    want = len(files) if limit is None else min(limit, len(files))
-    images, used, skipped = _decode_until(folder, [path for path, _ in files], want, data_cfg, "evaluation")
-    labels = torch.tensor([files[i][1] for i in used], dtype=torch.int64)
-    return LabeledSet(images, labels, _folder_description(folder, len(images), len(files), skipped), classes, skipped)
+    return folder, classes, files
 
 
 def check_source(source, role: str, min_images: int = 1) -> int | None:

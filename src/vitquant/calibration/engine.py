@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
+from vitquant import distributed
 from vitquant.calibration.observer import ReservoirObserver
 from vitquant.models.dispatch import quiet
 from vitquant.models.io import logits_of
@@ -58,9 +59,13 @@ def observing(sites: Iterable[ActSite], seed: int = 0,
 
 
 @torch.no_grad()
-def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool = True) -> None:
+def run_batches(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool = True,
+                before: Callable[[int], None] | None = None) -> None:
+    """Forward each batch; before(i) runs ahead of batch i."""
     device = model_device(model)
-    for x in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+    for i, x in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):
+        if before is not None:
+            before(i)
         model(x.to(device))
 
 
@@ -68,9 +73,11 @@ def observe_float(
     qmodel: "QuantizedModel", batches: list[torch.Tensor], sites: Iterable[ActSite] | None = None,
     seed: int = 0, progress: bool = True, desc: str = "calibrating",
     sample: Callable[[ActSite], bool] | None = None,
-    on_complete: Callable[[ActSite, ReservoirObserver], None] | None = None,
+    on_complete: Callable[[ActSite, ReservoirObserver], None] | None = None, first_batch: int = 0,
 ) -> dict[str, ReservoirObserver]:
     """Statistics of each enabled site's input as the *float* model computes it (see `observing`).
+    `batches` are batches first_batch, first_batch + 1, … of the calibration grid (a rank's share of them
+    in a distributed calibration): the observers' sampling keys follow the grid's batch indices.
 
     on_complete(site, observer): called for each site as soon as its statistics are final — during the
     last batch, when the unit holding the site has run (a unit runs once per forward, as unit-wise
@@ -79,8 +86,14 @@ def observe_float(
     2 MiB each)."""
     sites = [s for s in (qmodel.act_sites().values() if sites is None else sites) if s.enabled]
     with qmodel.bypassed(), observing(sites, seed, sample) as observers:
+        def start(offset: int) -> Callable[[int], None]:
+            def before(i: int) -> None:
+                for obs in observers.values():
+                    obs.start_batch(first_batch + offset + i)
+            return before
+
         if on_complete is None:
-            run_batches(qmodel, batches, desc, progress)
+            run_batches(qmodel, batches, desc, progress, start(0))
         else:
             done: set[str] = set()
 
@@ -95,7 +108,7 @@ def observe_float(
                         obs.drop_sample()
                 release_memory()
 
-            run_batches(qmodel, batches[:-1], desc, progress)
+            run_batches(qmodel, batches[:-1], desc, progress, start(0))
             by_id = {id(s): s for s in sites}
             handles = []
             for unit in qmodel.structure.units:
@@ -104,7 +117,7 @@ def observe_float(
                     handles.append(qmodel.submodule(unit.name).register_forward_hook(
                         lambda _m, _a, _o, group=group: complete(group)))
             try:
-                run_batches(qmodel, batches[-1:], desc, progress)
+                run_batches(qmodel, batches[-1:], desc, progress, start(len(batches) - 1))
             finally:
                 for h in handles:
                     h.remove()
@@ -291,8 +304,24 @@ class Context:
             if on_complete is not None:
                 on_complete(site, observer)
 
-        observers = observe_float(self.qmodel, self.batches(batch_size), sites, seed=self.config.seed,
+        batches, first = self.batches(batch_size), 0
+        # Distributed (torchrun): each rank observes a contiguous range of the same batches and the observers
+        # are reduced, in site order, before any site is fitted — what one process computes, exactly. With
+        # fewer batches than ranks (32 images are one batch) every rank observes all of them.
+        shared = distributed.is_distributed() and len(batches) >= distributed.world_size()
+        if shared:
+            part = distributed.shard(len(batches))
+            batches, first = batches[part.start:part.stop], part.start
+        observers = observe_float(self.qmodel, batches, sites, seed=self.config.seed,
                                   progress=self.progress, desc=desc, sample=sample,
-                                  on_complete=complete if on_complete is not None else None)
+                                  on_complete=complete if on_complete is not None and not shared else None,
+                                  first_batch=first)
+        if shared:
+            by_name = self.qmodel.act_sites()
+            for name, obs in observers.items():
+                obs.reduce_across_ranks()
+                if on_complete is not None:
+                    complete(by_name[name], obs)
+                    obs.drop_sample()
         self._ranges.update({name: (obs.lo, obs.hi) for name, obs in observers.items()})
         return observers

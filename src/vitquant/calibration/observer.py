@@ -26,6 +26,7 @@ class ReservoirObserver:
         # rows are kept along channel_axis so a channel-wise quantizer can be fitted from the same sample
         self.channel_axis = channel_axis
         self.max_elements = max_elements
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.rows: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
@@ -33,6 +34,11 @@ class ReservoirObserver:
         self.hi: torch.Tensor | None = None
         self.count = 0  # rows seen
         self.shape: tuple[int, ...] | None = None  # shape of the last observed tensor (without batch)
+
+    def start_batch(self, index: int) -> None:
+        """The next rows come from batch `index` of the calibration grid: their keys are drawn from a stream
+        seeded by (seed, index), so they do not depend on which process observed the batches before it."""
+        self.generator.manual_seed(hash((self.seed, index)) & (2**63 - 1))
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -51,6 +57,23 @@ class ReservoirObserver:
             rows, keys = rows[keep], keys[keep]
         self.rows, self.keys = rows, keys
         release_memory()  # the copies above are activation-sized: see profiling.release_memory
+
+    def reduce_across_ranks(self) -> None:
+        """Combine this observer with its twins on the other ranks (torch.distributed), in place, into what
+        one process observing every rank's batches, in rank order, would hold. Every rank must call it, for
+        the same observers in the same order, each having observed at least one batch."""
+        from vitquant import distributed
+
+        if not distributed.is_distributed():
+            return
+        self.lo, self.hi = distributed.all_reduce(self.lo, "min"), distributed.all_reduce(self.hi, "max")
+        self.count = int(distributed.all_reduce(torch.tensor([self.count]))[0])
+        rows, keys = distributed.all_gather_rows(self.rows), distributed.all_gather_rows(self.keys)
+        cap = max(1, self.max_elements // rows.shape[1])
+        if rows.shape[0] > cap:  # as update() cuts: the top keys, in key order
+            keep = keys.topk(cap).indices
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = rows, keys
 
     @property
     def empty(self) -> bool:
