@@ -4,6 +4,10 @@ Each finished run is appended to a JSON-lines store (one line, flushed and fsync
 sweep resumes where it stopped and a finished run is never repeated. Several processes may sweep into one
 store: each run is claimed before it starts (a lock that dies with its process), so none is done twice,
 and summaries count every run once even in a store merged by hand. Tables are rendered from the store.
+
+Evaluation goes through `vitquant.evaluate`, so an ImageNet-size folder is streamed, and under `torchrun`
+every rank of one sweep scores its shard of each run (and calibrates data-parallel, see `quantize`): rank 0
+claims each run and tells the others, and only rank 0 writes the store.
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from vitquant import distributed
 from vitquant.api import quantize
-from vitquant.calibration.data import data_config_for, load_calibration, load_labeled
+from vitquant.calibration.data import data_config_for, load_calibration
 from vitquant.config import QuantConfig, parse_bits, parse_method_spec
 from vitquant.errors import VitquantError
-from vitquant.evaluate import predict_logits
+from vitquant.evaluate import EvalResult, evaluate
 from vitquant.methods import available_methods
 from vitquant.models.loading import load_model
 from vitquant.models.outliers import inject_ln_outliers
@@ -50,9 +55,12 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     stress: bool = True
     natural: bool = True  # False: the stress variants only
-    calib: str = "bundled"
-    eval_data: str = "bundled"
+    calib: str = "bundled"  # 'bundled' or an image folder (flat or ImageFolder, searched recursively)
+    eval_data: str = "bundled"  # 'bundled' or an ImageFolder folder (streamed; sharded across torchrun ranks)
     calib_size: int = 32
+    eval_limit: int | None = None  # score the first N images of a seed-0 shuffle (a variant of its own)
+    device: str | None = None  # where models run ('cpu', 'cuda'); None: where load_model put them
+    agreement: bool = True  # top-1 agreement with the float model (a float forward per evaluated batch)
 
     def __post_init__(self) -> None:
         if self.methods == ["all"]:
@@ -66,6 +74,9 @@ class SweepSpec:
             raise VitquantError("a sweep needs at least one model")
         if not (self.natural or self.stress):
             raise VitquantError("a sweep needs the natural or the stress variants (or both)")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise VitquantError(f"eval_limit={self.eval_limit} keeps no evaluation images; pass a positive number "
+                                "or None for all")
 
 
 KEY_FIELDS = ("model", "variant", "method", "bits", "seed")
@@ -212,66 +223,97 @@ def _variants(model_name: str, stress: bool, natural: bool = True) -> Iterator[t
         yield f"stress S={STRESS['factor']:g}", inject_ln_outliers(model, **STRESS)
 
 
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).float().mean().item() * 100
+def _percent(result: EvalResult, of: float) -> float:
+    """A percentage of `result.n` images as the sweep has always recorded it: the float32 mean of a 0/1
+    tensor, times 100 (stores are compared value for value with older runs, e.g. benchmarks/regression.py)."""
+    count = round(of * result.n / 100)
+    return float(torch.tensor(float(count), dtype=torch.float32) / result.n) * 100
+
+
+@contextmanager
+def _claim(store: ResultsStore, rec: dict[str, Any]) -> Iterator[bool]:
+    """store.claim(rec), taken by rank 0 alone under torchrun and broadcast, so every rank runs the same
+    runs (they meet in collectives) and the others never lock or write the store."""
+    if not distributed.is_distributed():
+        with store.claim(rec) as mine:
+            yield mine
+        return
+    if distributed.is_main():
+        with store.claim(rec) as mine:
+            yield bool(distributed.broadcast_from_main(torch.tensor([int(mine)])).item())
+    else:
+        yield bool(distributed.broadcast_from_main(torch.tensor([0])).item())
+
+
+def _record(store: ResultsStore, rec: dict[str, Any]) -> None:
+    if distributed.is_main():
+        store.append(rec)
 
 
 def run_sweep(spec: SweepSpec, store: ResultsStore, progress: bool = True) -> int:
     """Run every (model, variant, method, bits, seed) the store has not finished and no other process is
-    running; returns how many runs this call added."""
+    running; returns how many runs this call added. Under torchrun call it on every rank with the same spec."""
+    device = None if spec.device is None else distributed.local_device(spec.device)
     machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+    if device is not None and device.type != "cpu":
+        machine += f", {torch.cuda.get_device_name(device)}"
+    if distributed.world_size() > 1:
+        machine += f", {distributed.world_size()} ranks"
+    progress = progress and distributed.is_main()
     added = 0
     for model_name in spec.models:
         for variant, model in _variants(model_name, spec.stress, spec.natural):
+            if device is not None:
+                model = model.to(device)
             cfg = data_config_for(model)
-            data = load_labeled(spec.eval_data, cfg)
-            float_logits = None
+            if spec.eval_limit is not None:  # another evaluation set: runs of their own, never mixed with full ones
+                variant = f"{variant} (val subset {spec.eval_limit})"
             base = {"model": model_name, "variant": variant, "calib_size": spec.calib_size}
             flt = {**base, "method": "float", "bits": "FP32", "seed": 0}
-            with store.claim(flt) as mine:
+            with _claim(store, flt) as mine:
                 if mine:
-                    float_logits = predict_logits(model, data, progress=False)
-                    store.append({**flt, "top1": _top1(float_logits, data.labels), "eval": data.source})
+                    r = evaluate(model, spec.eval_data, limit=spec.eval_limit, progress=False)
+                    _record(store, {**flt, "top1": _percent(r, r.top1), "eval": r.source})
                     added += 1
             for method in spec.methods:
                 for bits in spec.bits:
                     for seed in spec.seeds:
                         rec = {**base, "method": method, "bits": bits.upper(), "seed": seed}
-                        with store.claim(rec) as mine:
+                        with _claim(store, rec) as mine:
                             if not mine:
                                 continue
-                            if float_logits is None:
-                                float_logits = predict_logits(model, data, progress=False)
                             try:
-                                rec = _run(rec, model, spec, cfg, data, float_logits, machine)
+                                rec = _run(rec, model, spec, cfg, machine)
                             except VitquantError as e:  # a method that refuses this architecture: recorded
                                 rec.update(refused=str(e), machine=machine,
                                            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-                            store.append(rec)
+                            _record(store, rec)
                             added += 1
                             if progress and "refused" in rec:
                                 print(f"{model_name} [{variant}] {method} {bits} seed {seed}: refused: {rec['refused']}",
                                       flush=True)
                             elif progress:
+                                agree = f" (agree {rec['agreement']:.1f}%)" if "agreement" in rec else ""
                                 print(f"{model_name} [{variant}] {method} {bits} seed {seed}: top-1 "
-                                      f"{rec['top1']:.2f} (agree {rec['agreement']:.1f}%), calib "
-                                      f"{rec['calib_seconds']:.1f} s", flush=True)
+                                      f"{rec['top1']:.2f}{agree}, calib {rec['calib_seconds']:.1f} s", flush=True)
     return added
 
 
-def _run(rec: dict[str, Any], model, spec: SweepSpec, cfg: dict, data, float_logits, machine: str) -> dict[str, Any]:
+def _run(rec: dict[str, Any], model, spec: SweepSpec, cfg: dict, machine: str) -> dict[str, Any]:
     name, options = parse_method_spec(rec["method"])
     config = QuantConfig.preset(rec["bits"], method=name, options=options, seed=rec["seed"],
                                 calib_size=spec.calib_size)
     calib = load_calibration(spec.calib, cfg, n=spec.calib_size, seed=rec["seed"])
     with measure() as m:
         q = quantize(model, config, calib, progress=False)
-    logits = predict_logits(q, data, progress=False)
-    rec.update(top1=_top1(logits, data.labels),
-               agreement=(logits.argmax(1) == float_logits.argmax(1)).float().mean().item() * 100,
-               calib_seconds=round(m.seconds, 3), peak_rss_mb=round(m.peak_rss_mb, 1),
-               delta_rss_mb=round(m.delta_rss_mb, 1), size_bytes=q.size_bytes(), eval=data.source, machine=machine,
-               finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    r = evaluate(q, spec.eval_data, float_model=model if spec.agreement else None, limit=spec.eval_limit,
+                 progress=False)
+    rec.update(top1=_percent(r, r.top1))
+    if r.agreement is not None:
+        rec.update(agreement=_percent(r, r.agreement))
+    rec.update(calib_seconds=round(m.seconds, 3), peak_rss_mb=round(m.peak_rss_mb, 1),
+               delta_rss_mb=round(m.delta_rss_mb, 1), size_bytes=q.size_bytes(), eval=r.source, calib=calib.source,
+               machine=machine, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return rec
 
 

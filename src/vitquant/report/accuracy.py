@@ -1,10 +1,17 @@
-"""Markdown accuracy tables from a sweep's results store (see vitquant.bench)."""
+"""Markdown accuracy tables from a sweep's results store (see vitquant.bench).
+
+`paper(model, variant, method, bits)` (optional) gives a published top-1 for a cell (method "float", bits "FP32"
+for the float model) or None: each bit width a model has published numbers for gets a "paper" column beside it.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from vitquant.bench import summarize
 from vitquant.report.table import format_table
+
+Paper = Callable[[str, str, str, str], "float | None"]
+MNIST_NOTE = "Top-1 % on the MNIST-5k test split (1000 images)"
 
 BITS_ORDER = ["W8A8", "W6A6", "W4A8", "W4A4", "W3A3"]
 
@@ -26,9 +33,20 @@ def _ordered(methods: list[str], order: list[str] | None) -> list[str]:
     return [m for m in order if m in methods] + [m for m in methods if m not in order]
 
 
+def _paper_cell(paper: Paper | None, model: str, variant: str, method: str, bits: str, digits: int = 2) -> str:
+    value = None if paper is None else paper(model, variant, method, "FP32" if method == "float" else bits)
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _has_paper(paper: Paper | None, model: str, variant: str, methods: list[str], bits: str) -> bool:
+    return paper is not None and any(_paper_cell(paper, model, variant, m, bits) != "–" for m in ["float", *methods])
+
+
 def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | None = None,
-                    labels: dict[str, str] | None = None) -> str:
-    """One section per (model, variant); `labels` maps a stored model id (e.g. a path) to its display name."""
+                    labels: dict[str, str] | None = None, data_note: str = MNIST_NOTE,
+                    paper: Paper | None = None) -> str:
+    """One section per (model, variant); `labels` maps a stored model id (e.g. a path) to its display name;
+    `data_note` says what top-1 was measured on; `paper`: see the module docstring."""
     labels = labels or {}
     summary = summarize(records)
     models = list(dict.fromkeys((r["model"], r["variant"]) for r in records))
@@ -41,12 +59,17 @@ def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | Non
         seeds = max((summary[k]["n"] for k in summary if k[:2] == (model, variant)), default=1)
         out.append(f"### {labels.get(model, model)} — {variant}" + (f" (float top-1 {flt['top1']:.2f})" if flt else ""))
         out.append("")
-        out.append(f"Top-1 % on the MNIST-5k test split (1000 images); mean over {seeds} calibration seeds "
-                   "with (min–max) when more than one.")
+        out.append(f"{data_note}; mean over {seeds} calibration seeds with (min–max) when more than one.")
         out.append("")
-        rows = [["float (FP32)", *[f"{flt['top1']:.2f}" if flt else "–" for _ in bits]]]
-        rows += [[m, *[_cell(summary.get((model, variant, m, b))) for b in bits]] for m in methods]
-        out.append(format_table(["method", *bits], rows))
+        cols = [c for b in bits for c in [(b, False)] + [(b, True)] * _has_paper(paper, model, variant, methods, b)]
+
+        def row(label: str, method: str, ours: Callable[[str], str]) -> list[str]:
+            return [label, *[_paper_cell(paper, model, variant, method, b) if is_paper else ours(b)
+                             for b, is_paper in cols]]
+
+        rows = [row("float (FP32)", "float", lambda b: f"{flt['top1']:.2f}" if flt else "–")]
+        rows += [row(m, m, lambda b, m=m: _cell(summary.get((model, variant, m, b)))) for m in methods]
+        out.append(format_table(["method", *[f"{b} paper" if is_paper else b for b, is_paper in cols]], rows))
         out.append("")
         out.append("Calibration wall time (s, mean over seeds) / peak resident memory of the benchmark process "
                    "during that calibration (MB, max over seeds; it includes PyTorch itself, ~1 GB, and memory "
@@ -66,9 +89,10 @@ def render_accuracy(records: list[dict[str, Any]], method_order: list[str] | Non
 
 
 def render_summary(records: list[dict[str, Any]], bits: tuple[str, ...] = ("W4A4", "W3A3"),
-                   method_order: list[str] | None = None, labels: dict[str, str] | None = None) -> str:
+                   method_order: list[str] | None = None, labels: dict[str, str] | None = None,
+                   paper: Paper | None = None) -> str:
     """One row per method, one column per (model, variant, bits): the low-bit results side by side,
-    methods sorted by their mean top-1 over those columns (best first)."""
+    methods sorted by their mean top-1 over those columns (best first; the paper columns are not averaged)."""
     labels = labels or {}
     summary = {k: v for k, v in summarize(records).items() if "refused" not in v}  # refusals: per-model tables
     models = list(dict.fromkeys((r["model"], r["variant"]) for r in records))
@@ -80,14 +104,19 @@ def render_summary(records: list[dict[str, Any]], bits: tuple[str, ...] = ("W4A4
         return sum(vals) / len(vals) if vals else float("-inf")
 
     methods = sorted((m for m in methods if score(m) > float("-inf")), key=score, reverse=True)  # rows with a value
+    shown = [(c, is_paper) for c in cols
+             for is_paper in [False] + [True] * _has_paper(paper, c[0], c[1], methods, c[2])]
     # short headers: the model label, "stress" for a stress variant, the bit width
-    header = ["method", *[" ".join([labels.get(m, m), *([] if v == "natural" else [v.split()[0]]), b])
-                          for m, v, b in cols], "mean"]
-    rows = []
+    header = ["method", *[" ".join([labels.get(m, m), *([] if v == "natural" else [v.split()[0]]), b,
+                                    *(["paper"] if is_paper else [])]) for (m, v, b), is_paper in shown], "mean"]
+
+    def ours(m: str, v: str, method: str, b: str) -> str:
+        s = summary.get((m, v, method, b))
+        return f"{s['top1']:.1f}" if s else "–"
+
+    rows = [["float (FP32)", *[_paper_cell(paper, m, v, "float", b, 1) if is_paper else ours(m, v, "float", "FP32")
+                               for (m, v, b), is_paper in shown], ""]]
     for method in methods:
-        cells = [f"{summary[(m, v, method, b)]['top1']:.1f}" if (m, v, method, b) in summary else "–"
-                 for m, v, b in cols]
-        rows.append([method, *cells, f"{score(method):.1f}"])
-    floats = [summary.get((m, v, "float", "FP32")) for m, v, _ in cols]
-    rows.insert(0, ["float (FP32)", *[f"{f['top1']:.1f}" if f else "–" for f in floats], ""])
+        rows.append([method, *[_paper_cell(paper, m, v, method, b, 1) if is_paper else ours(m, v, method, b)
+                               for (m, v, b), is_paper in shown], f"{score(method):.1f}"])
     return format_table(header, rows)
