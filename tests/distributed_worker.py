@@ -13,7 +13,9 @@ import torch
 import vitquant
 from vitquant import distributed
 from vitquant.calibration.observer import ReservoirObserver
+from vitquant.calibration.data import data_config_for, load_labeled
 from vitquant.config import QuantConfig
+from vitquant.evaluate import predict_logits
 
 METHODS = ("minmax", "percentile", "repq-vit")
 CALIB = 64  # two batches of 32: one per rank (with 32 images, one batch, every rank observes it)
@@ -45,6 +47,12 @@ def main(out: Path, folder: str) -> None:
             results[method] = [res.top1, res.top5, res.agreement, res.n]
             if distributed.is_main():
                 vitquant.save(q, out / method)
+        # reconstruction, data-parallel (gradients all-reduced): the same up to float summation order
+        q = vitquant.quantize(model, QuantConfig(method="ias-vit", w_bits=4, a_bits=4, calib_size=32,
+                                                 options={"iters": 10}), "bundled", progress=False)
+        res = vitquant.evaluate(q, "bundled", limit=400, progress=False)
+        preds = predict_logits(q, load_labeled("bundled", data_config_for(model), limit=400), progress=False)
+        results["ias-vit"] = [res.top1, preds.argmax(1).tolist()]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = vitquant.evaluate(model, folder, batch_size=4, progress=False)

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitquant import distributed
 from vitquant.calibration.data import CalibrationSet
 from vitquant.calibration.engine import UnitInputs, UnitStream, run_unit, unit_io, unit_outputs
 from vitquant.errors import VitquantError
@@ -273,11 +274,12 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -> torc
 
 @torch.no_grad()
 def _mse(unit: nn.Module, inputs: UnitInputs, targets: torch.Tensor, batch_size: int) -> float:
-    total = 0.0
-    for start in range(0, len(inputs), batch_size):
-        idx = slice(start, start + batch_size)
-        total += (run_unit(unit, inputs, idx) - targets[idx]).pow(2).sum().item()
-    return total / targets.numel()
+    """The unit's output MSE over every image (under torchrun each rank sums its part of the batches)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for b in distributed.shard(-(-len(inputs) // batch_size)):
+        idx = slice(b * batch_size, (b + 1) * batch_size)
+        total += (run_unit(unit, inputs, idx) - targets[idx]).pow(2).sum().double().cpu()
+    return float(distributed.all_reduce(total)) / targets.numel()
 
 
 def _channel_dim(qmodel: QuantizedModel, name: str, out: torch.Tensor) -> int:
@@ -320,7 +322,11 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
     channel_dim = _channel_dim(qmodel, name, f_out)
     # what the unit was, to put back if the optimisation makes its output error worse (see below)
     before = {k: v.detach().clone() for k, v in unit.state_dict().items()}
-    trainer = _UnitTrainer(unit, opts, gen, set(qmodel.structure.layers))
+    # data-parallel under torchrun: every rank draws the same step batches from `gen`; QDrop's masks come
+    # from a stream of the rank's own, so `gen` stays in step on every rank
+    parallel = distributed.is_distributed()
+    masks = torch.Generator().manual_seed(hash((opts.seed, distributed.rank())) & (2**63 - 1)) if parallel else gen
+    trainer = _UnitTrainer(unit, opts, masks, set(qmodel.structure.layers))
     done = 0
     try:
         groups = trainer.param_groups()
@@ -336,12 +342,15 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
             with torch.enable_grad():
                 for step in range(opts.iters):
                     idx = torch.randperm(n, generator=gen)[:bs]
-                    with torch.autocast(f_out.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-                        rec = _rec_loss(run_unit(unit, x_in, idx), f_out[idx], channel_dim)
-                    reg = trainer.regularizer(step)
-                    loss = rec if reg is None else rec + reg
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if parallel:
+                        rec, reg = _parallel_step(unit, x_in, f_out, idx, channel_dim, trainer, step, optimizer, opts)
+                    else:
+                        with torch.autocast(f_out.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+                            rec = _rec_loss(run_unit(unit, x_in, idx), f_out[idx], channel_dim)
+                        reg = trainer.regularizer(step)
+                        loss = rec if reg is None else rec + reg
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
                     optimizer.step()
                     schedule.step()
                     done += 1
@@ -353,6 +362,11 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
                     if plateau.stop(rec.detach()):
                         break
             trainer.set_dropping(False)
+            if parallel:  # the ranks took the same steps; rank 0's result is the one kept everywhere
+                with torch.no_grad():
+                    for g in groups:
+                        for param in g["params"]:
+                            param.copy_(distributed.broadcast_from_main(param))
     finally:
         trainer.finish()
     bar.update(opts.iters - done)  # steps not run (stopped early, nothing to learn) leave the total honest
@@ -364,6 +378,35 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
         unit.load_state_dict(before)
         mse_after = mse_before
     return UnitResult(mse_before, mse_after, time.perf_counter() - t0, done), x_in
+
+
+def _parallel_step(unit: nn.Module, x_in: UnitInputs, f_out: torch.Tensor, idx: torch.Tensor, channel_dim: int,
+                   trainer: "_UnitTrainer", step: int, optimizer: torch.optim.Optimizer,
+                   opts: ReconstructionOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step's gradients, data-parallel: this rank's contiguous part of the step batch `idx`, its loss
+    weighted by its share of the rows, the regulariser's by 1/ranks, then the gradients summed over ranks
+    (one all-reduce): the gradient of the whole batch's loss, up to the order of float additions. Returns
+    the whole batch's reconstruction loss (also reduced, so early stopping decides alike everywhere)."""
+    part = distributed.shard(len(idx))
+    local = idx[part.start:part.stop]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    rec = torch.zeros((), device=f_out.device)
+    if len(local):
+        with torch.autocast(f_out.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+            rec = _rec_loss(run_unit(unit, x_in, local), f_out[local], channel_dim) * (len(local) / len(idx))
+    reg = trainer.regularizer(step)
+    loss = rec if reg is None else rec + reg / distributed.world_size()
+    if loss.requires_grad:
+        loss.backward()
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+                     + [rec.detach().float().reshape(1)])
+    flat = distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+    return flat[-1], reg
 
 
 def reconstruct_blocks(
