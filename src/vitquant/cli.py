@@ -331,7 +331,9 @@ def cmd_bench(args) -> int:
         check_output_file(args.markdown, True, is_vitquant_markdown, "markdown table")
     added = run_sweep(spec, store, progress=not args.quiet)
     print(f"{added} new runs, {len(store.records)} in {args.store}")
-    if args.markdown:
+    from vitquant import distributed
+
+    if args.markdown and distributed.is_main():
         write_output_text(args.markdown, render_accuracy(store.records) + "\n")
         print(f"wrote {args.markdown}")
     return 0
@@ -449,7 +451,7 @@ def report_error(e: BaseException) -> int:
     return 2
 
 
-DISTRIBUTED_COMMANDS = ("quantize", "eval")
+DISTRIBUTED_COMMANDS = ("quantize", "eval", "bench")
 
 
 @contextmanager
@@ -461,7 +463,7 @@ def _launched(command: str, device: str | None) -> Iterator[None]:
         return
     if command not in DISTRIBUTED_COMMANDS:
         raise VitquantError(f"`vitquant {command}` does not run distributed; run it without torchrun (only "
-                            f"{' and '.join(DISTRIBUTED_COMMANDS)} do)")
+                            f"{', '.join(DISTRIBUTED_COMMANDS)} do)")
     from vitquant import distributed
 
     distributed.init(device=device)
