@@ -14,10 +14,11 @@ import vitquant
 from vitquant import distributed
 from vitquant.calibration.observer import ReservoirObserver
 from vitquant.calibration.data import data_config_for, load_labeled
+from vitquant.calibration.datafree import DataFreeConfig, generate_calibration
 from vitquant.config import QuantConfig
 from vitquant.evaluate import predict_logits
 
-METHODS = ("minmax", "percentile", "repq-vit")
+METHODS = ("minmax", "percentile", "repq-vit", "fq-vit", "dopq-vit")
 CALIB = 64  # two batches of 32: one per rank (with 32 images, one batch, every rank observes it)
 
 
@@ -53,6 +54,14 @@ def main(out: Path, folder: str) -> None:
         res = vitquant.evaluate(q, "bundled", limit=400, progress=False)
         preds = predict_logits(q, load_labeled("bundled", data_config_for(model), limit=400), progress=False)
         results["ias-vit"] = [res.top1, preds.argmax(1).tolist()]
+        # ERQ's ridge sums, split by statistics batch and all-reduced (64 images: 2 batches of 32)
+        q = vitquant.quantize(model, QuantConfig(method="erq", w_bits=4, a_bits=4, calib_size=CALIB), "bundled",
+                              progress=False)
+        preds = predict_logits(q, load_labeled("bundled", data_config_for(model), limit=400), progress=False)
+        results["erq"] = [vitquant.evaluate(q, "bundled", limit=400, progress=False).top1, preds.argmax(1).tolist()]
+        # PSAQ-ViT generation: each rank generates its batches (seeded per batch), gathered in batch order
+        images = generate_calibration(model, config=DataFreeConfig(n_images=CALIB, steps=4), progress=False).images
+        results["data-free"] = images.double().sum(dim=(1, 2, 3)).tolist()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = vitquant.evaluate(model, folder, batch_size=4, progress=False)

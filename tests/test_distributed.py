@@ -21,7 +21,7 @@ from vitquant.serialization import META, WEIGHTS
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-METHODS = ("minmax", "percentile", "repq-vit")
+METHODS = ("minmax", "percentile", "repq-vit", "fq-vit", "dopq-vit")
 
 
 def _free_port() -> int:
@@ -100,15 +100,23 @@ def test_evaluation_counts_are_exactly_the_single_process_ones(runs):
     assert any("skipped 1 unreadable" in w for w in single["folder"][4])
 
 
-def test_data_parallel_reconstruction_matches_one_process_within_tolerance(runs):
-    """ias-vit's block reconstruction, each step's batch split between the ranks and the gradients summed:
-    the same steps up to the order of float additions (and the ranks' own QDrop masks, unused here), so
-    the models agree on nearly every image rather than bit for bit."""
+@pytest.mark.parametrize("method", ["ias-vit", "erq"])
+def test_data_parallel_sums_match_one_process_within_tolerance(runs, method):
+    """ias-vit's block reconstruction (each step's batch split between the ranks, gradients summed) and ERQ's
+    ridge statistics (each rank sums its batches, sums all-reduced): the same sums added in another order
+    (and the ranks' own QDrop masks, unused here), so the models agree on nearly every image rather than
+    bit for bit."""
     _, single, ranks = runs
-    assert ranks[0]["ias-vit"] == ranks[1]["ias-vit"]  # every rank ends with rank 0's parameters
-    (top1, preds), (top1_dp, preds_dp) = single["ias-vit"], ranks[0]["ias-vit"]
+    assert ranks[0][method] == ranks[1][method]  # every rank ends with the same model
+    (top1, preds), (top1_dp, preds_dp) = single[method], ranks[0][method]
     assert abs(top1 - top1_dp) <= 1.0
     assert sum(a == b for a, b in zip(preds, preds_dp)) / len(preds) >= 0.97
+
+
+def test_data_free_generation_split_by_batch_gives_the_same_images(runs):
+    _, single, ranks = runs
+    assert len(single["data-free"]) == 64
+    assert ranks[0]["data-free"] == ranks[1]["data-free"] == single["data-free"]
 
 
 @pytest.mark.parametrize("method", METHODS)

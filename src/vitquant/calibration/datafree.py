@@ -49,6 +49,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitquant import distributed
 from vitquant.calibration.data import CalibrationSet, data_config_for
 from vitquant.errors import VitquantError
 from vitquant.models.io import logits_of
@@ -227,15 +228,19 @@ def generate_calibration(model: nn.Module, data_cfg: dict | None = None, config:
     try:
         sizes = [min(config.batch_size, config.n_images - s) for s in range(0, config.n_images, config.batch_size)]
         # enable_grad: callers may be inside torch.no_grad() (an evaluation loop, a CLI wrapper)
-        with torch.enable_grad(), tqdm(total=config.steps * len(sizes), desc="generating calibration images "
+        with torch.enable_grad(), tqdm(total=config.steps * len(distributed.shard(len(sizes))), desc="generating calibration images "
                                        "(PSAQ-ViT)", unit="step", disable=not progress, leave=False) as bar:
-            for index, size in enumerate(sizes):
-                chunks.append(_generate_batch(model, hooks, data_cfg, config, size, index, (low, high), bar))
+            # under torchrun each rank generates a contiguous range of the batches (each batch has its own
+            # seeded generator) and the ranks' images are gathered in batch order: one process's images
+            for index in distributed.shard(len(sizes)):
+                chunks.append(_generate_batch(model, hooks, data_cfg, config, sizes[index], index, (low, high), bar))
     finally:
         hooks.remove()
         model.train(was_training)
-    images = torch.cat(chunks)
-    if config.grid_path is not None:
+    c, h, w = data_cfg["input_size"]
+    images = torch.cat(chunks) if chunks else torch.empty(0, c, h, w)
+    images = distributed.all_gather_rows(images.cpu()) if distributed.is_distributed() else images
+    if config.grid_path is not None and distributed.is_main():
         save_image_grid(images, data_cfg, config.grid_path)
     return CalibrationSet(images, f"data-free: PSAQ-ViT generation ({len(images)} images, {config.steps} steps, "
                                   f"seed {config.seed})", [])

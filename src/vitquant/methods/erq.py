@@ -26,6 +26,8 @@ shared/research/ptq_methods.md §2 is silent we follow the released code and say
   on), so Aqer also corrects the error the earlier layers propagate. The released code instead
   quantizes the float input of each layer, x̄ = Q(x) (`sequential=False`).
 - Statistics are streamed sums; the code pickles every layer's inputs and outputs to disk. Same sums.
+  Under torchrun each rank sums its range of the statistics batches and the sums are all-reduced (the
+  same sums, added in another order; the unit streams before them run whole on every rank).
 - The rounding flip follows the paper: flip the coordinate whose gradient 2Cδ has the sign of δ and
   the largest magnitude, keep it only if the proxy decreases (exact one-coordinate change), stop the
   row otherwise. The code snaps δ − g to the nearer of floor/ceil, which flips only when the gradient
@@ -58,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitquant import distributed
 from vitquant.calibration.engine import UnitInputs, UnitStream, run_unit
 from vitquant.methods.repq_vit import RepQOptions, RepQViT
 from vitquant.models.qmodules import QuantLinear
@@ -299,8 +302,9 @@ class ERQ(RepQViT):
     def _statistics(q_unit, ref_unit, layer, ref_layer, q_in: UnitInputs, f_in: UnitInputs, batch_size: int,
                     sequential: bool) -> RidgeStatistics:
         stats = RidgeStatistics(layer.in_features, layer.out_features, layer.bias is not None, layer.weight.device)
-        for start in range(0, len(f_in), batch_size):
-            idx = slice(start, start + batch_size)
+        # under torchrun each rank sums a contiguous range of the batches, then the sums are added up
+        for b in distributed.shard(-(-len(f_in) // batch_size)):
+            idx = slice(b * batch_size, (b + 1) * batch_size)
             x_float = _layer_input(ref_unit, ref_layer, f_in, idx)  # the reference is bypassed: float
             y = F.linear(x_float, ref_layer.weight, ref_layer.bias)
             # sequential: the input this layer really gets once everything before it is quantized
@@ -309,5 +313,7 @@ class ERQ(RepQViT):
             stats.update(x_q, y)
             del x_q, y
             release_memory()  # this batch's activations (see profiling.release_memory)
+        stats.gram, stats.cross = distributed.all_reduce(stats.gram), distributed.all_reduce(stats.cross)
+        stats.rows = int(distributed.all_reduce(torch.tensor([stats.rows]))[0])
         return stats
 
