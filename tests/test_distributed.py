@@ -152,6 +152,25 @@ def test_torchrun_cli_eval_and_quantize(tmp_path):
     assert lines[0] == buf.getvalue().strip().splitlines()[0]
 
 
+def test_torchrun_eval_in_onnx_runtime_gives_the_single_process_counts(tmp_path):
+    """ONNX Runtime sessions are evaluated through the same sharded loop: each rank runs its own session."""
+    from vitquant.cli import main
+
+    q = vitquant.quantize(vitquant.load_model("bundled"), "w8a8", "bundled", progress=False)
+    vitquant.export(q, tmp_path / "m.onnx")
+    done = _torchrun("eval", str(tmp_path / "m.onnx"), "--threads", "1", "--limit", "400", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "top-1" in line]
+    assert len(lines) == 1 and "(400 images" in lines[0]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["eval", str(tmp_path / "m.onnx"), "--threads", "1", "--limit", "400", "--quiet"]) == 0
+    assert lines[0].split(" (")[0] == buf.getvalue().strip().split(" (")[0]  # the counts; not the seconds
+
+
 def test_torchrun_refuses_commands_that_do_not_run_distributed(tmp_path):
     done = _torchrun("list", cwd=tmp_path)
     assert done.returncode != 0
