@@ -90,14 +90,17 @@ def test_schedule_is_the_reference_one_on_small_models_and_the_cpu_one_on_real_s
     from vitquant.methods.ias_vit import REAL_SIZE_FLOATS, IaSViTOptions, schedule_for
 
     small, real = 17 * 192, 197 * 384  # bundled block output, DeiT-S block output (floats per image)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert small < REAL_SIZE_FLOATS <= 197 * 192  # DeiT-T is real-size too
-    assert schedule_for(IaSViTOptions(), 4, 4, small) == (200, 32)
-    assert schedule_for(IaSViTOptions(), 6, 6, small) == (40, 32)
-    assert schedule_for(IaSViTOptions(), 4, 4, real) == (100, 8)
-    assert schedule_for(IaSViTOptions(), 8, 8, real) == (40, 8)
-    assert schedule_for(IaSViTOptions(schedule="reference"), 4, 4, real) == (200, 32)
-    assert schedule_for(IaSViTOptions(schedule="cpu"), 3, 3, small) == (100, 8)
-    assert schedule_for(IaSViTOptions(iters=7, batch_size=3), 4, 4, real) == (7, 3)
+    assert schedule_for(IaSViTOptions(), 4, 4, small, cpu) == (200, 32)
+    assert schedule_for(IaSViTOptions(), 6, 6, small, cpu) == (40, 32)
+    assert schedule_for(IaSViTOptions(), 4, 4, real, cpu) == (100, 8)
+    assert schedule_for(IaSViTOptions(), 8, 8, real, cpu) == (40, 8)
+    assert schedule_for(IaSViTOptions(), 4, 4, real, gpu) == (200, 32)  # a GPU affords the reference schedule
+    assert schedule_for(IaSViTOptions(schedule="cpu"), 4, 4, real, gpu) == (100, 8)
+    assert schedule_for(IaSViTOptions(schedule="reference"), 4, 4, real, cpu) == (200, 32)
+    assert schedule_for(IaSViTOptions(schedule="cpu"), 3, 3, small, cpu) == (100, 8)
+    assert schedule_for(IaSViTOptions(iters=7, batch_size=3), 4, 4, real, cpu) == (7, 3)
     with pytest.raises(ValueError, match="schedule"):
         IaSViTOptions(schedule="fast")
     with pytest.raises(ValueError, match="batch_size"):

@@ -47,7 +47,7 @@ Deviations from the paper / official code:
   16's cost budget asked for less: measured on random-init DeiT-S W4A4 (1 thread), 176.7 → 148.3 CPU-s,
   logit SQNR vs float 6.84 → 6.53 dB. Cost: benchmarks/results/calibration_cost.md.
 - `schedule="auto"` (default): on a real-size model (a unit output of ≥ 2^15 floats per image, DeiT-T
-  and larger) one weight/input alternation round instead of 2, since a round there re-fits the same row
+  and larger) calibrated on a CPU (a GPU keeps 2) one weight/input alternation round instead of 2, since a round there re-fits the same row
   sample: random-init DeiT-S W4A4 at 2 threads 154 → 84 CPU-s, logit SQNR 7.48 → 7.26 dB (seed 1:
   7.67 → 7.59); fewer rows for the same saving cost more (see ROUNDS). The reference models keep 2
   rounds (unchanged results); `schedule="reference"`/`"cpu"` or an explicit `rounds` override it.
@@ -180,7 +180,8 @@ class AdaLog(Method):
         self.gen = torch.Generator().manual_seed(config.seed)
         units = ctx.structure.units
         self.rounds = opts.rounds or ROUNDS[schedule_name(
-            opts.schedule, largest_unit_output(qmodel, units, ctx.images()) if opts.schedule == "auto" else 0)]
+            opts.schedule, largest_unit_output(qmodel, units, ctx.images()) if opts.schedule == "auto" else 0,
+            ctx.device)]
         reparam = ReparamChoice(ctx, opts.reparam_head)  # head mappings decided below, from the captured ranges
         first = {m.layers[0]: m for m in (reparam.post_ln if opts.reparam_post_ln else []) + reparam.heads}
         captures = capture_by_units(qmodel, units, ctx.images(), 32, False, self._capture_rows,

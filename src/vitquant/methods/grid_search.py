@@ -48,7 +48,7 @@ def grid_argmin(
     per_candidate = max(1, n_items * floats_per_item)
     k = max(1, min(K, CHUNK_FLOATS // per_candidate))
     items_per_chunk = n_items if k > 1 else max(1, CHUNK_FLOATS // max(1, floats_per_item))
-    total = torch.zeros(K, G, dtype=torch.float64)
+    total = torch.zeros(K, G, dtype=torch.float64, device=candidates.device)
     with torch.no_grad():
         for c0 in range(0, K, k):
             for i0 in range(0, n_items, items_per_chunk):

@@ -21,8 +21,8 @@ stage at 3/4 bits and 200 at 6 bits (~31 min for 3-bit DeiT-S on an RTX 3090). O
 iteration of a 192-wide block at batch 32 takes 30-90 ms, so the reference schedule runs a fifth of
 that: 200 iterations when min(w_bits, a_bits) ≤ 4, else 40, at batch 32 (`paper_iters` gives the
 paper's; pass `iters=1000` to follow it). On a real-size model (DeiT-S: ~1.5 CPU-s per step at batch
-32) that would be ~1,100 float forwards, so `schedule="auto"` (the default) switches such models to
-the CPU schedule, at most 100 iterations at batch 8 (DeiT-S W4A4: 266× the float forward, 964 CPU-s, 10 min wall at 2 threads; see
+32) that would be ~1,100 float forwards, so `schedule="auto"` (the default) switches such models, when
+calibrated on a CPU (a GPU keeps the reference schedule), to the CPU schedule, at most 100 iterations at batch 8 (DeiT-S W4A4: 266× the float forward, 964 CPU-s, 10 min wall at 2 threads; see
 schedule_for); its accuracy effect on a real model cannot be measured here (no pretrained weights);
 on the bundled model, forced with `schedule="cpu"`: see benchmarks/results/accuracy_notes.md. On the bundled 6-block model, 200 iterations already lift W3A3 from
 93.3 % (calibration only) to 95.9 % top-1 (256 images).
@@ -57,6 +57,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Literal
+
+import torch
 
 from vitquant.errors import VitquantError
 from vitquant.methods.base import Method
@@ -125,14 +127,15 @@ def cpu_iters(w_bits: int, a_bits: int) -> int:
 CPU_SCHEDULE = (100, 8)  # (iterations at most, batch): real-size models' default on a CPU
 
 
-def schedule_for(opts: "IaSViTOptions", w_bits: int, a_bits: int, unit_floats: int) -> tuple[int, int]:
+def schedule_for(opts: "IaSViTOptions", w_bits: int, a_bits: int, unit_floats: int,
+                 device: torch.device) -> tuple[int, int]:
     """(iterations per unit and stage, batch size). "reference": cpu_iters at batch 32, sized for the
     17-token reference models (on the bundled model W3A3 93.3 → 95.9); "cpu": at most 100 iterations at
     batch 8 — a DeiT-S step at batch 32 costs ~3× one at batch 8 and ~1.5 CPU-s, so the reference
     schedule would be ~6× this one (benchmarks/results/calibration_cost.md); "auto" (default): "cpu" for
-    real-size models (a unit output of ≥ REAL_SIZE_FLOATS per image), else "reference". Explicit
+    real-size models (a unit output of ≥ REAL_SIZE_FLOATS per image) on a CPU `device`, else "reference". Explicit
     `iters` / `batch_size` override either."""
-    name = schedule_name(opts.schedule, unit_floats)
+    name = schedule_name(opts.schedule, unit_floats, device)
     iters, batch = cpu_iters(w_bits, a_bits), 32
     if name == "cpu":
         iters, batch = min(iters, CPU_SCHEDULE[0]), CPU_SCHEDULE[1]
@@ -149,7 +152,7 @@ class IaSViT(Method):
         qmodel, calib, config, plan, progress = ctx.qmodel, ctx.calib, ctx.config, ctx.plan, ctx.progress
         opts = self.options(config)
         unit_floats = largest_unit_output(qmodel, ctx.structure.units, ctx.images())
-        iters, batch = schedule_for(opts, config.w_bits, config.a_bits, unit_floats)
+        iters, batch = schedule_for(opts, config.w_bits, config.a_bits, unit_floats, ctx.device)
         act_rule = RangeRule("mse", candidates=opts.act_candidates)
         reparam = ReparamChoice(ctx, opts.reparam_head, every_layer=True)
 

@@ -146,7 +146,8 @@ class NoisyQuant(Method):
         observers = observe_float(ctx.qmodel, batches, sites=sites, seed=ctx.config.seed, progress=False,
                                   sample=lambda site: False)  # min-max: the extremes suffice
         for site in sites:
-            fit_site(site, UniformQuantizer(ctx.plan.act(site.name)), observers[site.name], RangeRule("minmax"))
+            fit_site(site, UniformQuantizer(ctx.plan.act(site.name)), observers[site.name], RangeRule("minmax"),
+                     ctx.device)
 
     def _calibrate_linear(self, layer: QuantLinear, cap, index: int) -> None:
         ab, opts = self.plan.act(layer.input_site.name), self.opts
@@ -157,14 +158,14 @@ class NoisyQuant(Method):
         # the clip grid spans the largest |x| of every row, also when the error is measured on a sample
         absmax = torch.maximum(cap.lo.abs(), cap.hi.abs()).max() if cap.lo is not None else x.abs().max()
         w = layer.weight.detach()
-        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
+        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features, device=w.device)
         wq = layer.weight_quantizer.fake_quant(w)
         ref = F.linear(x, w, bias)
         search = _OutputSearch(x, wq, bias, ref)
 
         # 1. clip: absmax·i/steps, i = steps…1 (descending: ties keep the larger clip, as the code does)
         n = 2 ** (ab - 1) - 1
-        clips = absmax.clamp_min(_EPS) * torch.arange(opts.clip_steps, 0, -1) / opts.clip_steps
+        clips = absmax.clamp_min(_EPS) * torch.arange(opts.clip_steps, 0, -1, device=absmax.device) / opts.clip_steps
         step = float(search.best(clips, lambda xs, c: symmetric_narrow(xs, c / n, ab))) / n
         base = UniformQuantizer(ab, symmetric=True, name=layer.input_site.name)
         base.set_params(torch.tensor(step), torch.tensor(0.0))
@@ -174,10 +175,10 @@ class NoisyQuant(Method):
             site.quantizer = base
             return
 
-        # 2. the noisy bias, sampled once per layer
+        # 2. the noisy bias, sampled once per layer (drawn on the CPU, so the same on every device)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + index)
         if opts.noise == "uniform":
-            noise = (torch.rand(layer.in_features, generator=gen) - 0.5) * step
+            noise = (torch.rand(layer.in_features, generator=gen).to(w.device) - 0.5) * step
         else:
             noise = self._code_noise(search, step, gen, ab)
         site.quantizer = NoisyBiasQuantizer(base, noise, channel_axis=-1, name=site.name)
@@ -185,14 +186,15 @@ class NoisyQuant(Method):
     def _code_noise(self, search: "_OutputSearch", step: float, gen: torch.Generator, ab: int) -> torch.Tensor:
         """The released code's noise: Gaussian draw, then a searched constant shift and range multiplier."""
         opts = self.opts
-        raw = (torch.randn(search.x.shape[1], generator=gen) * 2 - 1) * step
+        device = search.x.device
+        raw = (torch.randn(search.x.shape[1], generator=gen).to(device) * 2 - 1) * step
 
         def denoised(xs, noise):  # Q(x + N) − N
             return symmetric_narrow(xs + noise, step, ab).sub_(noise)
 
-        means = step * torch.arange(-opts.mean_steps, opts.mean_steps) / opts.mean_steps
+        means = step * torch.arange(-opts.mean_steps, opts.mean_steps, device=device) / opts.mean_steps
         mean = search.best(means, denoised)
-        ranges = torch.arange(0, 2 * opts.range_steps) / opts.range_steps
+        ranges = torch.arange(0, 2 * opts.range_steps, device=device) / opts.range_steps
         r = search.best(ranges, lambda xs, c: denoised(xs, mean + raw * c))
         return mean + raw * r
 

@@ -120,7 +120,7 @@ class PTQ4ViT(Method):
         self.quantize_image = opts.quantize_image
         # twin uniform grids have no exact ONNX QDQ form: QuantConfig(deployable=True) searches plain ones
         self.twin = opts.twin and not ctx.plan.deployable
-        self.mults = torch.linspace(opts.alpha, opts.beta, opts.candidates)
+        self.mults = torch.linspace(opts.alpha, opts.beta, opts.candidates, device=ctx.device)
         self.qkv = dict(ctx.structure.fused_qkv)  # layer → number of q/k/v parts: one scale each
         units = ctx.structure.units
         rows = lambda l: (search_rows(l.in_features, l.out_features, opts.search_macs)  # noqa: E731
@@ -311,9 +311,10 @@ class PTQ4ViT(Method):
         twin = self.twin and bits["softmax"] is not None
         if twin:
             fq_p = lambda t, s: softmax_twin_fake_quant(t, s, bits["softmax"])  # noqa: E731
-            splits = torch.tensor([2.0**-i for i in range(SPLIT_EXPONENTS)])[:, None]
+            device = cap.probs.device
+            splits = torch.tensor([2.0**-i for i in range(SPLIT_EXPONENTS)], device=device)[:, None]
             s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, fq_p, splits, uniform("v"), v_cands,
-                                           f"{name} probs·v", a_init=torch.tensor([0.01]))
+                                           f"{name} probs·v", a_init=torch.tensor([0.01], device=device))
         else:
             p_cands = self.mults[:, None] * step(cap.probs, "softmax")[None]
             s_p, s_v = self._search_matmul(cap.probs, cap.v, cap.grad_context, uniform("softmax"), p_cands,

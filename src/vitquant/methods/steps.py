@@ -6,6 +6,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from vitquant.calibration.engine import model_device
 from vitquant.calibration.observer import ReservoirObserver
 from vitquant.methods.deployable import deployable_plan
 from vitquant.models.qmodules import ActSite
@@ -30,11 +31,15 @@ def fit_weights(qmodel: QuantizedModel, plan: SitePlan, rule: RangeRule, symmetr
         layer.weight_quantizer = q.fit(layer.weight, rule)
 
 
-def fit_site(site: ActSite, quantizer: Quantizer, observer: ReservoirObserver, rule: RangeRule) -> None:
+def fit_site(site: ActSite, quantizer: Quantizer, observer: ReservoirObserver, rule: RangeRule,
+             device: torch.device | None = None) -> None:
+    """Fit `quantizer` on the site's statistics and give it to the site. Observers keep their statistics
+    on the CPU, so the fitted scales are CPU tensors: `device` (the model's) is where they must live for
+    the site's forward (a per-channel CPU scale cannot multiply a CUDA activation)."""
     channel_wise = getattr(quantizer, "channel_axis", None) is not None
     lo, hi = (observer.lo, observer.hi) if channel_wise else observer.tensor_range()
     quantizer.name = site.name
-    site.quantizer = quantizer.fit(observer.sample(), rule, lo, hi)
+    site.quantizer = quantizer.fit(observer.sample(), rule, lo, hi).to(device)
 
 
 ActivationPlan = Callable[[ActSite, int], tuple[Quantizer, RangeRule]]
@@ -52,7 +57,7 @@ def fit_activations(
             site.enabled, site.quantizer = False, None
             continue
         quantizer, rule = choose(site, bits)
-        fit_site(site, quantizer, observers[name], rule)
+        fit_site(site, quantizer, observers[name], rule, model_device(qmodel))
 
 
 def observe_and_fit(ctx, choose: ActivationPlan, sample: Callable[[ActSite], bool] | None = None) -> None:
@@ -70,7 +75,7 @@ def observe_and_fit(ctx, choose: ActivationPlan, sample: Callable[[ActSite], boo
             site.enabled, site.quantizer = False, None
         else:
             quantizer, rule = choose(site, bits)
-            fit_site(site, quantizer, observer, rule)
+            fit_site(site, quantizer, observer, rule, ctx.device)
         fitted.add(site.name)
 
     ctx.observe(sample=sample, on_complete=fit)
@@ -94,6 +99,12 @@ def apply_plan(qmodel: QuantizedModel, plan: SitePlan) -> None:
 
 
 def freeze(qmodel: QuantizedModel) -> None:
+    """The end of every calibration: quantizers fitted from CPU statistics move to the model's device (a
+    quantized model computes where its float model did, all of it), then weights are fake-quantized once."""
+    device = model_device(qmodel)
+    for module in qmodel.modules():
+        if isinstance(module, Quantizer):
+            module.to(device)
     with torch.no_grad():
         for layer in qmodel.weight_layers().values():
             layer.freeze_weight()
@@ -112,12 +123,13 @@ def largest_unit_output(qmodel: QuantizedModel, units: list, image: torch.Tensor
     return max(_probe(qmodel, units, image[:1])[0].values(), default=0)
 
 
-def schedule_name(requested: str, unit_floats: int) -> str:
+def schedule_name(requested: str, unit_floats: int, device: torch.device) -> str:
     """The schedule to run, "reference" or "cpu": as requested, or for "auto" "cpu" exactly on a
-    real-size model (its largest unit output has ≥ REAL_SIZE_FLOATS floats per image)."""
+    real-size model (its largest unit output has ≥ REAL_SIZE_FLOATS floats per image) calibrated on a
+    CPU; a GPU affords the reference schedule."""
     if requested != "auto":
         return requested
-    return "cpu" if unit_floats >= REAL_SIZE_FLOATS else "reference"
+    return "cpu" if unit_floats >= REAL_SIZE_FLOATS and torch.device(device).type == "cpu" else "reference"
 
 
 def _probe(qmodel: QuantizedModel, units: list, image: torch.Tensor) -> tuple[dict[str, int], int | None]:
