@@ -236,10 +236,11 @@ def save(qmodel, out: str | Path, force: bool = False, extra: dict[str, Any] | N
     if getattr(qmodel, "config", None) is None:
         raise VitquantError("only a calibrated model (from vitquant.quantize) can be saved")
     check_output_dir(out, force)  # before the codes are computed
-    state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
+    # CPU copies: a model quantized on a GPU is saved as the same file (loading gives a CPU model)
+    state = {k: v.detach().cpu().contiguous() for k, v in qmodel.model.state_dict().items()}
     for name, layer in qmodel.weight_layers().items():
         if layer.weight_enabled:  # a weight the plan keeps float is saved as it is
-            state[f"{name}.weight"] = _weight_codes(layer).contiguous()
+            state[f"{name}.weight"] = _weight_codes(layer).cpu().contiguous()
     extra = {k: v for k, v in (extra or {}).items() if k not in (*_SIGNED, "integrity")}
     meta = {"format": FORMAT, "config": qmodel.config.to_dict(), "structure": qmodel.structure.summary(),
             "source": qmodel.source, "quantizers": qmodel.quantizer_specs(), "stats": qmodel.stats,
@@ -365,7 +366,7 @@ def _restore_weights(path: Path, qmodel, specs: dict[str, Any], state: dict[str,
             raise _damaged(path, f"the weight codes of {name!r} do not fit its layer and quantizer")
         layer.weight_quantizer, codes[name] = q, code
         if layer.bias is None and f"{name}.bias" in state:  # a reparameterization gave it a bias
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device))
     own = qmodel.model.state_dict()
     missing = sorted(k for k in own if k not in state and not (k.endswith(".weight") and k[:-7] in codes))
     unexpected = sorted(k for k in state if k not in own)
@@ -387,8 +388,12 @@ def _restore_weights(path: Path, qmodel, specs: dict[str, Any], state: dict[str,
 
 
 def load(path: str | Path, model: nn.Module | None = None):
-    """Load a saved quantized model. `model`: the float architecture, when the saved one cannot be
-    rebuilt from its recorded source (a custom nn.Module)."""
+    """Load a saved quantized model, on the CPU (`.to(device)` moves all of it) or, given `model` (the float
+    architecture, when the saved one cannot be rebuilt from its recorded source: a custom nn.Module), on
+    that model's device."""
+    from vitquant.calibration.engine import model_device
+    from vitquant.methods.steps import place_quantizers
+
     path = Path(path)
     meta = read_meta(path)
     if not isinstance(meta.get("config"), dict):
@@ -414,6 +419,7 @@ def load(path: str | Path, model: nn.Module | None = None):
             raise _damaged(path / META, f"site {name!r} has no valid 'enabled' flag and quantizer")
         site.enabled = enabled
     _restore_weights(path, qmodel, specs, _read_state(path))
+    place_quantizers(qmodel)
     qmodel.config = config
     qmodel.stats = meta["stats"] if isinstance(meta.get("stats"), dict) else {}
     qmodel.eval()
@@ -421,7 +427,7 @@ def load(path: str | Path, model: nn.Module | None = None):
     if shape:  # one forward proves every restored quantizer fits the tensor it sees
         try:
             with torch.no_grad():
-                qmodel(torch.zeros(1, *shape))
+                qmodel(torch.zeros(1, *shape, device=model_device(qmodel)))
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             raise _damaged(path, f"its quantizers do not fit the model ({_first_line(e)})") from None
     return qmodel

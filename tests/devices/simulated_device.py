@@ -42,6 +42,10 @@ class Elsewhere(torch.Tensor):
     def __repr__(self) -> str:
         return f"Elsewhere({self.data_!r})"
 
+    @property
+    def is_meta(self) -> bool:  # it holds data (nn.Module.load_state_dict skips copying into meta tensors)
+        return False
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from vitquant.calibration.data import CalibrationSet, data_config_for, load_calibration
-from vitquant.calibration.engine import Context
+from vitquant.calibration.engine import Context, model_device
 from vitquant.config import QuantConfig
 from vitquant.methods import get_method
 from vitquant.methods.deployable import make_deployable
-from vitquant.methods.steps import apply_plan
+from vitquant.methods.steps import apply_plan, place_quantizers
 from vitquant.models import QuantizedModel, prepare
 from vitquant.models.io import logits_of
 from vitquant.models.sources import infer_source
@@ -128,13 +128,16 @@ def calibrate_unfrozen(model: nn.Module, config: QuantConfig, calib: Calibration
     apply_plan(qmodel, plan)
     if config.deployable:  # the stand-ins quantize() installs; they only swap quantizers
         make_deployable(qmodel)
+    place_quantizers(qmodel)
     qmodel.config = config
     return Calibrated(qmodel.eval(), plan, config)
 
 
 @torch.no_grad()
 def logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([logits_of(model(x)).float() for x in images.split(batch_size)])
+    """The model's logits on `images`, computed on its device a batch at a time, returned on the CPU."""
+    device = model_device(model)
+    return torch.cat([logits_of(model(x.to(device))).float().cpu() for x in images.split(batch_size)])
 
 
 def kl_to_reference(ref_logits: torch.Tensor, out_logits: torch.Tensor) -> torch.Tensor:

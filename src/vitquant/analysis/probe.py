@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vitquant.calibration.capture import pseudo_label_loss
+from vitquant.calibration.engine import model_device
 from vitquant.models import QuantizedModel
 from vitquant.models.dispatch import quiet
 from vitquant.models.io import logits_of
@@ -97,13 +98,16 @@ LOSSES = {"ce": pseudo_label_loss, "target": target_logit}
 
 def float_batches(qmodel: QuantizedModel, images: torch.Tensor, batch_size: int,
                   loss: str | None = None) -> Iterator[BatchTaps]:
-    """One BatchTaps per batch of `images`, run as the float model; with `loss`, gradients too."""
+    """One BatchTaps per batch of `images` (moved to the model's device a batch at a time), run as the float
+    model; with `loss`, gradients too."""
+    device = model_device(qmodel)
     params = list(qmodel.parameters())
     trainable = [p.requires_grad for p in params]
     try:
         for p in params:  # gradients with respect to activations only
             p.requires_grad_(False)
         for x in images.split(batch_size):
+            x = x.to(device)
             # float only while this batch runs: the caller may run the quantized model between batches
             with qmodel.bypassed(), tapped(qmodel, grad=loss is not None) as taps:
                 if loss is None:

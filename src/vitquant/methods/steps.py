@@ -98,13 +98,18 @@ def apply_plan(qmodel: QuantizedModel, plan: SitePlan) -> None:
             layer.weight_enabled, layer.weight_quantizer = False, None
 
 
-def freeze(qmodel: QuantizedModel) -> None:
-    """The end of every calibration: quantizers fitted from CPU statistics move to the model's device (a
-    quantized model computes where its float model did, all of it), then weights are fake-quantized once."""
+def place_quantizers(qmodel: QuantizedModel) -> None:
+    """Every quantizer on the model's device: a quantized model computes where its float model did, all of
+    it, also with quantizers a method fitted from CPU statistics (observers keep theirs on the CPU)."""
     device = model_device(qmodel)
     for module in qmodel.modules():
         if isinstance(module, Quantizer):
             module.to(device)
+
+
+def freeze(qmodel: QuantizedModel) -> None:
+    """The end of every calibration: quantizers on the model's device, weights fake-quantized once."""
+    place_quantizers(qmodel)
     with torch.no_grad():
         for layer in qmodel.weight_layers().values():
             layer.freeze_weight()
