@@ -97,6 +97,32 @@ def refuse_nonfinite(model, what: str) -> None:
     refuse(model, what, "--allow-nonfinite")
 
 
+DEVICE_HELP = "'cpu', 'cuda' or 'cuda:N' (default: CUDA when available, else the CPU)"
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help=DEVICE_HELP)
+
+
+def resolve_device(requested: str | None):
+    """--device as a torch.device (under torchrun a plain 'cuda' is this rank's GPU), refused at once when it
+    does not exist here, before any model is loaded."""
+    import torch
+
+    from vitquant.distributed import local_device
+
+    try:
+        device = local_device(requested)
+    except RuntimeError:  # torch.device's own parse error: not a VitquantError
+        raise VitquantError(f"--device {requested!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise VitquantError(f"--device {requested!r}: vitquant runs on 'cpu' or 'cuda' devices only")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise VitquantError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
 def _min_calib(args) -> None:
     if args.min_calib < 1:
         raise VitquantError(f"--min-calib must be at least 1, got {args.min_calib}")
@@ -113,6 +139,7 @@ def cmd_quantize(args) -> int:
     from vitquant.serialization import check_output_dir
 
     config = _config(args)  # every check that needs no model, before loading anything
+    device = resolve_device(args.device)
     if args.data_free_steps is not None and args.calib != "data-free":
         raise VitquantError("--data-free-steps only applies to --calib data-free")
     _min_calib(args)
@@ -129,6 +156,7 @@ def cmd_quantize(args) -> int:
     model = vitquant.load_model(args.model, args.checkpoint, check=_architecture_check(config, found))
     if not args.allow_nonfinite:
         refuse_nonfinite(model, f"model {args.model!r}")
+    model = model.to(device)  # calibration, data-free generation and --eval compute where the model is
     calib, files = args.calib, {}
     with tempfile.TemporaryDirectory() as tmp:
         if calib == "data-free":  # keep what the model "dreamed" beside the result
@@ -246,9 +274,12 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise VitquantError(f"--limit must be a positive number of images, got {args.limit}")
     if backend == "onnxruntime":
+        if args.device not in (None, "cpu"):
+            raise VitquantError(f"--device {args.device} applies to the pytorch backend; ONNX Runtime runs on the CPU")
         from vitquant.export.cli import cmd_eval as cmd_eval_ort
 
         return cmd_eval_ort(args)
+    device = resolve_device(args.device)
     classes = check_source(args.data, "evaluation")
     float_model, note = None, None
     if _is_quantized_dir(args.model):
@@ -270,6 +301,8 @@ def cmd_eval(args) -> int:
     if not args.allow_nonfinite:
         refuse_nonfinite(getattr(model, "model", model), f"model {args.model!r}")
     check_class_count(model, classes)
+    model = model.to(device)  # a saved quantized model loads on the CPU: all of it moves
+    float_model = float_model.to(device) if float_model is not None else None
     res = vitquant.evaluate(model, args.data, float_model=float_model, limit=args.limit, progress=not args.quiet)
     line = f"{args.model}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.source}"
     if res.agreement is not None:
@@ -378,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--force", action="store_true",
                    help="replace an existing output directory, only if vitquant wrote it (and it holds nothing else)")
+    add_device_argument(q)
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
     from vitquant.mixed.cli import add_arguments as add_mixed_arguments  # argparse only, no torch
@@ -397,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pytorch (simulation; the default) or onnxruntime (the default for an .onnx file; a "
                         "quantized dir is exported on the fly)")
     e.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: physical cores)")
+    add_device_argument(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

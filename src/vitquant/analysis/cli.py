@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     a.add_argument("--allow-nonfinite", action="store_true")
     a.add_argument("--out", required=True, help="output directory (written atomically)")
     a.add_argument("--force", action="store_true", help="replace an output directory vitquant wrote")
+    from vitquant.cli import add_device_argument
+
+    add_device_argument(a)
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_analyze, deployable=False)
 
@@ -39,10 +42,12 @@ def add_parser(sub) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import vitquant
     from vitquant.calibration.data import check_source, data_config_for, load_calibration
-    from vitquant.cli import _architecture_check, _config, _min_calib, fail_fast_offline, refuse_nonfinite
+    from vitquant.cli import (_architecture_check, _config, _min_calib, fail_fast_offline, refuse_nonfinite,
+                              resolve_device)
     from vitquant.serialization import atomic_dir, check_output_dir
 
     config = _config(args)
+    device = resolve_device(args.device)
     _min_calib(args)
     if args.calib in ("data-free", "gaussian"):
         raise VitquantError("analyze needs real calibration images (--calib DATA or 'bundled')")
@@ -64,6 +69,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
         model = inject_ln_outliers(model, **STRESS)
         name += f" (stress S={STRESS['factor']:g})"
+    model = model.to(device)  # calibration and every measurement compute where the model is
     from vitquant.analysis.analyzer import analyze
     from vitquant.report.html import write_analysis
 
