@@ -30,6 +30,16 @@ def calib_images() -> torch.Tensor:
     return torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run only where a GPU is (the CPU suite exercises devices with simulated_device)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp_min(1e-20)))
 
