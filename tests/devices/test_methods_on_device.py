@@ -28,6 +28,11 @@ FAST = {
 BRANCHES = [  # options that take another path through a method
     ("noisyquant", {"noise": "code"}), ("ptq4vit", {"matmul_per_head": True, "quantize_image": True}),
     ("adalog", {"reconstruct": True, "reconstruct_iters": 2}), ("dopq-vit", {"reconstruct": True, "reconstruct_iters": 2}),
+    # the seeded row and image samples real-size models take (here forced on the tiny model)
+    ("adalog", {"max_rows": 32, "whole_rows": 16, "min_rows": 16, "search_macs": 1, "core_macs": 1}),
+    ("ptq4vit", {"search_macs": 1}),
+    # QuantConfig(deployable=True): uniform stand-ins probed from the fitted quantizers
+    ("repq-vit", {"deployable": True}),
 ]
 
 
@@ -50,7 +55,10 @@ def _model(tiny_vit_factory, method: str):
 
 def _quantize(model, method: str, options: dict):
     bits = "w8a8" if method in NEEDS_SDPA else "w4a4"  # fq-vit's W4A4 outputs of a random tiny model are all 0
-    config = QuantConfig.preset(bits, method=method, options={**FAST[method], **options}, calib_size=8)
+    options = dict(options)
+    deployable = options.pop("deployable", False)  # a QuantConfig field, listed with the options here
+    config = QuantConfig.preset(bits, method=method, options={**FAST[method], **options}, calib_size=8,
+                                deployable=deployable)
     return vitquant.quantize(model, config, _calib(), progress=False)
 
 

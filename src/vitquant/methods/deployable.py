@@ -38,10 +38,15 @@ def exports_exactly(q: Quantizer | None) -> bool:
     return isinstance(q, UniformQuantizer) and q.bits <= 8 and q.calibrated and uint8_zero_point_fits(q)
 
 
+def _device_of(q: Quantizer) -> torch.device:
+    """Where q's parameters are (probes must be there: a GPU scale cannot quantize a CPU probe)."""
+    return next((b.device for b in q.buffers()), torch.device("cpu"))
+
+
 def output_range(q: Quantizer) -> tuple[float, float] | None:
     """The extremes a per-tensor monotone quantizer outputs (for −∞-like and +∞-like inputs), widened
     to hold 0; None when it cannot be probed (per-channel parameters, non-finite outputs)."""
-    probe = torch.tensor([-_HUGE, 0.0, _HUGE], dtype=torch.float32)
+    probe = torch.tensor([-_HUGE, 0.0, _HUGE], dtype=torch.float32, device=_device_of(q))
     try:
         with torch.no_grad():
             out = q(probe).double()
@@ -56,7 +61,7 @@ def input_offset(q: Quantizer, lo: float, hi: float) -> float:
     """c such that q(x) ≈ x + c on the unclamped part of [lo, hi]; 0 for quantizers that approximate
     their input. Non-zero when a method folded a shift into the next layer (AdaLog's post-GELU
     quantizer computes Q(x + 0.17) and fc2's bias subtracts W·0.17): a stand-in must shift too."""
-    ramp = torch.linspace(lo, hi, 4097)
+    ramp = torch.linspace(lo, hi, 4097, device=_device_of(q))
     with torch.no_grad():
         out = q(ramp).double()
     inside = (out > out.min()) & (out < out.max())  # where q is not clamped
