@@ -282,8 +282,9 @@ def _generate_batch(model, hooks, data_cfg, config: DataFreeConfig, size: int, i
             optimizer.step()
             with torch.no_grad():  # the paper's clip(): keep pixels inside what a real image can be
                 img.copy_(torch.maximum(torch.minimum(img, high), low))
-            bar.set_postfix(loss=f"{loss.item():.3f}", entropy=f"{entropy.item() / max(1, len(features)):.3f}",
-                            ce=f"{ce.item():.3f}", tv=f"{tv.item():.3f}")
+            if not bar.disable:  # reading the numbers waits for a GPU to finish the step: only when shown
+                bar.set_postfix(loss=f"{loss.item():.3f}", entropy=f"{entropy.item() / max(1, len(features)):.3f}",
+                                ce=f"{ce.item():.3f}", tv=f"{tv.item():.3f}")
             bar.update(1)
     return img.detach().cpu()
 
