@@ -45,3 +45,28 @@ def test_channel_axis_1_for_heads():
     obs.update(x)
     assert obs.sample().shape == (2 * 4 * 5, 3)
     assert obs.hi.tolist() == [0.0, 1.0, 2.0]
+
+
+def _reference_update(state: dict, rows: torch.Tensor, keys: torch.Tensor, cap: int) -> None:
+    """The reservoir rule written plainly: append every row, then keep the rows of the top `cap` keys."""
+    if state["rows"] is not None:
+        rows, keys = torch.cat([state["rows"], rows]), torch.cat([state["keys"], keys])
+    if rows.shape[0] > cap:
+        keep = keys.topk(cap).indices
+        rows, keys = rows[keep], keys[keep]
+    state["rows"], state["keys"] = rows, keys
+
+
+def test_sample_equals_the_plain_reservoir_rule_with_and_without_cuts():
+    g = torch.Generator().manual_seed(3)
+    for max_elements, axis in ((10_000, -1), (8 * 13, -1), (4 * 7, 1), (8, -1)):
+        obs = ReservoirObserver(channel_axis=axis, max_elements=max_elements, seed=5)
+        keys_gen = torch.Generator().manual_seed(5)
+        state = {"rows": None, "keys": None}
+        for i in range(6):
+            x = torch.randn(2, 4, 8, generator=g) * (i + 1)
+            obs.update(x)
+            rows = x.movedim(axis, -1).reshape(-1, x.shape[axis])
+            _reference_update(state, rows, torch.rand(rows.shape[0], generator=keys_gen),
+                              max(1, max_elements // rows.shape[1]))
+            assert torch.equal(obs.sample(), state["rows"]) and torch.equal(obs.keys, state["keys"])

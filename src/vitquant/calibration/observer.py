@@ -43,19 +43,28 @@ class ReservoirObserver:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
         self.shape = tuple(x.shape[1:])
-        rows = channels_last_2d(x, self.channel_axis if self.channel_axis is not None else x.dim() - 1).cpu()
-        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+        # rows stay where x is (a GPU): only the extremes and the rows the sample keeps come to the CPU
+        rows = channels_last_2d(x, self.channel_axis if self.channel_axis is not None else x.dim() - 1)
+        lo, hi = rows.amin(dim=0).cpu(), rows.amax(dim=0).cpu()
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-        self.count += rows.shape[0]
-        keys = torch.rand(rows.shape[0], generator=self.generator)
-        if self.rows is not None:
-            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        n, old = rows.shape[0], 0 if self.rows is None else self.rows.shape[0]
+        self.count += n
+        keys = torch.rand(n, generator=self.generator)
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys])
         cap = max(1, self.max_elements // rows.shape[1])
-        if rows.shape[0] > cap:
+        if old + n > cap:  # the rows of the top `cap` keys, in key order, copied once
             keep = keys.topk(cap).indices
-            rows, keys = rows[keep], keys[keep]
-        self.rows, self.keys = rows, keys
+            from_old = keep < old
+            kept = torch.empty(cap, rows.shape[1], dtype=rows.dtype)
+            if old:
+                kept[from_old] = self.rows[keep[from_old]]
+            kept[~from_old] = rows[(keep[~from_old] - old).to(rows.device)].cpu()
+            self.rows, self.keys = kept, keys[keep]
+        else:
+            self.rows = rows.cpu() if self.rows is None else torch.cat([self.rows, rows.cpu()])
+            self.keys = keys
         release_memory()  # the copies above are activation-sized: see profiling.release_memory
 
     def reduce_across_ranks(self) -> None:
