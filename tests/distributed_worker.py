@@ -18,8 +18,9 @@ from vitquant.calibration.datafree import DataFreeConfig, generate_calibration
 from vitquant.config import QuantConfig
 from vitquant.evaluate import predict_logits
 
-METHODS = ("minmax", "percentile", "repq-vit", "fq-vit", "dopq-vit")
+METHODS = ("minmax", "percentile", "repq-vit", "fq-vit", "dopq-vit", "noisyquant")
 CALIB = 64  # two batches of 32: one per rank (with 32 images, one batch, every rank observes it)
+# noisyquant: its layer-wise search runs whole on every rank (not split), so it too must equal one process
 
 
 def observed() -> dict:

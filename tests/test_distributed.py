@@ -21,7 +21,7 @@ from vitquant.serialization import META, WEIGHTS
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-METHODS = ("minmax", "percentile", "repq-vit", "fq-vit", "dopq-vit")
+METHODS = ("minmax", "percentile", "repq-vit", "fq-vit", "dopq-vit", "noisyquant")
 
 
 def _free_port() -> int:
