@@ -73,13 +73,16 @@ def evaluate(
     with torch.no_grad(), bar:
         for x, labels in stream.batches(batch_size, part.start, part.stop, workers):
             logits = logits_of(model(x.to(device))).float().cpu()  # HF models return an output object
+            # top-1 is argmax (not topk's first), as bench stores have always counted it: the two break exact
+            # ties differently, which a collapsed model's logits have
+            pred = logits.argmax(1)
             topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
             counts[0] += len(labels)
-            counts[1] += int((topk[:, 0] == labels).sum())
+            counts[1] += int((pred == labels).sum())
             counts[2] += int((topk == labels[:, None]).any(dim=1).sum())
             if float_model is not None:
                 ref = logits_of(float_model(x.to(next(float_model.parameters()).device))).float().cpu()
-                counts[3] += int((ref.argmax(1) == topk[:, 0]).sum())
+                counts[3] += int((ref.argmax(1) == pred).sum())
             bar.update(1)
     counts[4] = len(stream.skipped)
     seconds = time.perf_counter() - t0
