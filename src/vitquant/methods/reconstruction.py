@@ -23,21 +23,24 @@ float model's output, on calibration images:
 - Adam: AdaRound's V at `adaround_lr` with a constant rate (BRECQ/QDrop), activation scales and
   float weights at `act_lr`/`weight_lr` with cosine decay to 0; the rounding regulariser (weight
   `round_weight`) starts after `warmup`·iters with β annealed 20 → 2.
-- Loss: squared error summed over channels, averaged over batch and tokens (BRECQ's lp_loss).
+- Loss (`objective`, `head_objective` for units that output the logits; methods/objectives.py): "mse",
+  the squared error summed over channels, averaged over batch and tokens (BRECQ's lp_loss), by default;
+  "kl" (the head's logits), "aph" (APHQ-ViT), "fisher-dplr" (FIMA-Q), or any `Objective`.
 
 Usage, after a method has fitted every quantizer (weights included, unless weights="float"):
     results = reconstruct_blocks(qmodel, calib, ReconstructionOptions(qdrop=0.5), progress)
 Afterwards every quantizer holds what was learned (scales written back, weights hardened onto the grid
 or updated in float), so `freeze_weight` and `vitquant.save`/`load` reproduce the result exactly.
 
-Deviations: AdaLog/APHQ use KL on the head's output; here every unit uses MSE. BRECQ optimises
+Deviations: AdaLog/APHQ use KL on the head's output; the default here is MSE for every unit
+(`head_objective="kl"` gives theirs). BRECQ optimises
 weights and activations in two passes; this runs them jointly (QDrop's setting). AdaRound's V learns
 at 1e-2, not BRECQ's 1e-3: the CPU default is 200 iterations instead of 20 000, and at 1e-3 V (which
 starts within ±2.4) can hardly move far enough to flip a rounding. Measured on the bundled model at
 W3A3 (repq-vit calibration + reconstruction, QDrop 0.5, 256 images): 1e-3 → 95.5 % top-1, block
 output MSE ×0.53-0.93; 1e-2 → 96.0 %, ×0.40-0.84 (repq-vit alone, 32 images: 94.2 %).
-A unit whose output MSE on all calibration images is higher after its optimisation than before is put
-back as it was (no official code does this): Adam steps by about the learning rate whatever the loss's
+A unit whose objective metric (its output MSE for "mse"; see Objective.measure) on all calibration images
+is higher after its optimisation than before is put back as it was (no official code does this): Adam steps by about the learning rate whatever the loss's
 scale, and on units with weights small against it (random-init BEiT/EVA-02 heads) that made the model
 worse (W8A8 logit cosine 0.9998 without reconstruction, 0.5 with it; 0.9999 with the rule). On the bundled
 model no unit gets worse, so its results are unchanged (ias-vit W4A4 96.1).
@@ -49,7 +52,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -59,6 +62,7 @@ from vitquant import distributed
 from vitquant.calibration.data import CalibrationSet
 from vitquant.calibration.engine import UnitInputs, UnitStream, run_unit, unit_io, unit_outputs
 from vitquant.errors import VitquantError
+from vitquant.methods.objectives import OBJECTIVE_NAMES, FloatLogits, Objective, UnitJob, make_objective
 from vitquant.models.qmodules import ActSite, QuantConv2d, QuantLinear
 from vitquant.models.quantized import QuantizedModel
 from vitquant.profiling import release_memory
@@ -96,6 +100,10 @@ class ReconstructionOptions:
     # regulariser needs its whole annealing schedule
     early_stop: float = 0.0
     bf16: bool = False  # optimisation forwards under bfloat16 autocast (the measured MSEs stay float32)
+    # the loss (methods/objectives.py): a name in OBJECTIVE_NAMES, an Objective, or a factory of one;
+    # head_objective: for units that output the logits (None: the same as `objective`)
+    objective: "str | Objective | object" = "mse"
+    head_objective: "str | Objective | object | None" = None
 
     def __post_init__(self) -> None:
         def bad(what: str) -> VitquantError:
@@ -121,6 +129,14 @@ class ReconstructionOptions:
             raise bad(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if not 0.0 <= self.early_stop < 1.0:
             raise bad(f"early_stop must be a fraction in [0, 1), got {self.early_stop!r}")
+        for name in ("objective", "head_objective"):
+            spec = getattr(self, name)
+            if spec is None and name == "head_objective":
+                continue
+            if isinstance(spec, str) and spec not in OBJECTIVE_NAMES:
+                raise bad(f"{name} must be one of {OBJECTIVE_NAMES} (or an Objective), got {spec!r}")
+            if not isinstance(spec, (str, Objective)) and not callable(spec):
+                raise bad(f"{name} must be one of {OBJECTIVE_NAMES}, an Objective or a factory, got {spec!r}")
         if self.early_stop and self.weights == "adaround":
             raise bad("early_stop needs weights other than 'adaround' (AdaRound's rounding regulariser anneals "
                       "over all iterations)")
@@ -132,6 +148,9 @@ class UnitResult:
     mse_after: float
     seconds: float
     iters: int = 0  # optimisation steps run (fewer than asked when stopped early)
+    objective: str = "mse"
+    loss_before: float = 0.0  # the objective's metric on all images (Objective.measure); = mse_* for "mse"
+    loss_after: float = 0.0
 
 
 # -- structure ---------------------------------------------------------------------------------------
@@ -268,10 +287,6 @@ class _UnitTrainer:
             p.requires_grad_(flag)
 
 
-def _rec_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    return (out - target).pow(2).sum(channel_dim).mean()
-
-
 @torch.no_grad()
 def _mse(unit: nn.Module, inputs: UnitInputs, targets: torch.Tensor, batch_size: int) -> float:
     """The unit's output MSE over every image (under torchrun each rank sums its part of the batches)."""
@@ -309,7 +324,9 @@ class _Plateau:
 
 def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Tensor, name: str,
                       images: torch.Tensor, opts: ReconstructionOptions, gen: torch.Generator,
-                      bar: tqdm, chained_input: torch.Tensor | None) -> tuple[UnitResult, UnitInputs]:
+                      bar: tqdm, chained_input: torch.Tensor | None, teacher: QuantizedModel,
+                      objectives: tuple[Objective, Objective],
+                      float_logits: Callable[[], torch.Tensor]) -> tuple[UnitResult, UnitInputs]:
     t0 = time.perf_counter()
     unit = qmodel.submodule(name)
     if opts.inputs == "float":
@@ -320,6 +337,11 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
         x_in = unit_io(qmodel, name, images, opts.batch_size, with_output=False)[0]
     mse_before = _mse(unit, x_in, f_out, opts.batch_size)
     channel_dim = _channel_dim(qmodel, name, f_out)
+    is_head = f_out.dim() == 2 and set(qmodel.structure.unit(name).layers) <= set(qmodel.structure.heads)
+    objective = objectives[1] if is_head else objectives[0]
+    objective.begin(UnitJob(name, unit, teacher, images, f_in, f_out, x_in, opts.batch_size, channel_dim,
+                            opts.iters, opts.seed, is_head, float_logits))
+    loss_before = mse_before if objective.name == "mse" else objective.measure(unit)
     # what the unit was, to put back if the optimisation makes its output error worse (see below)
     before = {k: v.detach().clone() for k, v in unit.state_dict().items()}
     # data-parallel under torchrun: every rank draws the same step batches from `gen`; QDrop's masks come
@@ -342,11 +364,12 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
             with torch.enable_grad():
                 for step in range(opts.iters):
                     idx = torch.randperm(n, generator=gen)[:bs]
+                    objective.before_step(step)
                     if parallel:
-                        rec, reg = _parallel_step(unit, x_in, f_out, idx, channel_dim, trainer, step, optimizer, opts)
+                        rec, reg = _parallel_step(unit, x_in, f_out, idx, objective, trainer, step, optimizer, opts)
                     else:
                         with torch.autocast(f_out.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-                            rec = _rec_loss(run_unit(unit, x_in, idx), f_out[idx], channel_dim)
+                            rec = objective.loss(run_unit(unit, x_in, idx), idx)
                         reg = trainer.regularizer(step)
                         loss = rec if reg is None else rec + reg
                         optimizer.zero_grad(set_to_none=True)
@@ -371,16 +394,18 @@ def _reconstruct_unit(qmodel: QuantizedModel, f_in: UnitInputs, f_out: torch.Ten
         trainer.finish()
     bar.update(opts.iters - done)  # steps not run (stopped early, nothing to learn) leave the total honest
     mse_after = _mse(unit, x_in, f_out, opts.batch_size)
-    if mse_after > mse_before:
+    loss_after = mse_after if objective.name == "mse" else objective.measure(unit)
+    if loss_after > loss_before:
         # Adam moves every weight by about the learning rate whatever the loss's scale: a unit whose weights
         # are small against it (random-init BEiT's head, init scale 1e-3) got worse (its MSE 6e-13 → 4e-9,
         # the model's logit cosine 0.9998 → 0.32). A unit is never left worse than it came in.
         unit.load_state_dict(before)
-        mse_after = mse_before
-    return UnitResult(mse_before, mse_after, time.perf_counter() - t0, done), x_in
+        mse_after, loss_after = mse_before, loss_before
+    return UnitResult(mse_before, mse_after, time.perf_counter() - t0, done, objective.name, loss_before,
+                      loss_after), x_in
 
 
-def _parallel_step(unit: nn.Module, x_in: UnitInputs, f_out: torch.Tensor, idx: torch.Tensor, channel_dim: int,
+def _parallel_step(unit: nn.Module, x_in: UnitInputs, f_out: torch.Tensor, idx: torch.Tensor, objective: Objective,
                    trainer: "_UnitTrainer", step: int, optimizer: torch.optim.Optimizer,
                    opts: ReconstructionOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step's gradients, data-parallel: this rank's contiguous part of the step batch `idx`, its loss
@@ -394,7 +419,7 @@ def _parallel_step(unit: nn.Module, x_in: UnitInputs, f_out: torch.Tensor, idx: 
     rec = torch.zeros((), device=f_out.device)
     if len(local):
         with torch.autocast(f_out.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-            rec = _rec_loss(run_unit(unit, x_in, local), f_out[local], channel_dim) * (len(local) / len(idx))
+            rec = objective.loss(run_unit(unit, x_in, local), local) * (len(local) / len(idx))
     reg = trainer.regularizer(step)
     loss = rec if reg is None else rec + reg / distributed.world_size()
     if loss.requires_grad:
@@ -434,6 +459,9 @@ def reconstruct_blocks(
             # the float model's call and output of each unit, computed unit by unit (each float unit runs
             # once, memory holds one unit's tensors)
             stream = UnitStream(teacher, images, opts.batch_size)
+            objectives = (make_objective(opts.objective), make_objective(opts.head_objective or opts.objective))
+            logits = FloatLogits()  # computed once, if an objective asks for them
+            float_logits = lambda: logits(teacher, images, opts.batch_size)  # noqa: E731
             nxt = None
             # one bar over every unit's steps: its ETA is the whole reconstruction's
             bar = tqdm(total=len(units) * opts.iters, desc="reconstructing", unit="it", leave=False,
@@ -442,7 +470,8 @@ def reconstruct_blocks(
                 f_in = stream.inputs(name, chained[name])
                 f_out = stream.outputs()
                 results[name], x_in = _reconstruct_unit(qmodel, f_in, f_out, name, images, opts, gen, bar,
-                                                        nxt if chained[name] else None)
+                                                        nxt if chained[name] else None, teacher, objectives,
+                                                        float_logits)
                 release_memory()  # the unit's activations and gradients (see profiling.release_memory)
                 # what the next unit receives from this one, now that it is reconstructed
                 nxt = unit_outputs(qmodel.submodule(name), x_in, opts.batch_size) if opts.inputs == "quantized" else None
