@@ -323,6 +323,8 @@ def cmd_list(args) -> int:
     for name, cls in available_methods().items():
         deit = f"DeiT-S {DEIT_S_COST[name]}" if name in DEIT_S_COST else ""
         print(f"  {name:<12} {COST_HINTS.get(name, '?'):<11} {deit:<12} {cls.summary}")
+    print("steps: append +qwt to any method (e.g. repq-vit+qwt): QwT (CVPR'25), a closed-form float linear")
+    print("       compensation of each block's quantization error, fitted on the calibration images (seconds)")
     print("bit presets: " + ", ".join(PRESETS) + " (any wXaY with 2 ≤ X, Y ≤ 8)")
     print("bundled models: " + ", ".join(BUNDLED))
     return 0

@@ -17,10 +17,28 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+# steps any method can take, spelled as a suffix: `repq-vit+qwt` (see methods/qwt.py)
+STEPS = ("qwt",)
+_COMPOSED: dict[str, type[Method]] = {}
+
+
 def get_method(name: str) -> type[Method]:
-    if name not in _METHODS:
-        raise VitquantError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    if name in _METHODS:
+        return _METHODS[name]
+    base, plus, step = name.rpartition("+") if isinstance(name, str) else ("", "", "")
+    if plus and base:
+        if step not in STEPS:
+            raise VitquantError(f"method {name!r}: unknown step '+{step}'; a method name takes "
+                                f"{', '.join('+' + s for s in STEPS)} as a suffix (e.g. 'repq-vit+qwt')")
+        if base.rpartition("+")[2] == step:
+            raise VitquantError(f"method {name!r} takes '+{step}' twice")
+        if name not in _COMPOSED:
+            from vitquant.methods.qwt import with_qwt
+
+            _COMPOSED[name] = with_qwt(get_method(base))
+        return _COMPOSED[name]
+    raise VitquantError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))} "
+                        f"(each also as '<method>+qwt')")
 
 
 def available_methods() -> dict[str, type[Method]]:

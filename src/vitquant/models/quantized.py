@@ -81,4 +81,7 @@ class QuantizedModel(nn.Module):
         for p in self.model.parameters():
             if id(p) not in quantized:
                 total += p.numel() * 4
+        for name, child in self.named_children():  # what a method added beside the model (QwT's terms), fp32
+            if name != "model":
+                total += sum(t.numel() * 4 for t in [*child.parameters(), *child.buffers()])
         return total
