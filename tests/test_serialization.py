@@ -118,3 +118,46 @@ def test_a_record_cannot_make_load_read_other_files(tiny_vit, calib_images, tmp_
     (out / "quant_config.json").write_text(json.dumps(meta))
     with pytest.raises(VitquantError, match="arguments vitquant never writes"):
         vitquant.load(out)
+
+
+def test_a_qwt_compensation_is_saved_and_loaded_with_identical_outputs(tiny_vit, calib_images, tmp_path):
+    from safetensors.torch import load_file
+
+    from vitquant.methods.qwt import compensation_of
+
+    q = vitquant.quantize(tiny_vit, QuantConfig.preset("w4a4", method="repq-vit+qwt"),
+                          CalibrationSet(calib_images, "r", []), progress=False)
+    comp = compensation_of(q)
+    assert comp.units == ["blocks.0", "blocks.1"]
+    out = vitquant.save(q, tmp_path / "q")
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["config"]["method"] == "repq-vit+qwt" and meta["qwt"]["units"] == comp.units
+    assert meta["qwt"]["record"]["head"]["compensated"] is False
+    sd = load_file(str(out / "model.safetensors"))
+    assert sd["qwt/blocks.0/weight"].shape == (64, 64) and sd["qwt/blocks.1/bias"].dtype == torch.float32
+    r = vitquant.load(out, model=tiny_vit)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(q(x), r(x))
+        compensation_of(r).term("blocks.1").bias.zero_()  # the loaded model computes with its compensation
+        assert not torch.equal(q(x), r(x))
+    assert compensation_of(r).record == comp.record
+
+
+def test_a_damaged_qwt_record_is_refused(tiny_vit, calib_images, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vitquant.serialization import META, WEIGHTS, meta_digest, sha256_file
+
+    q = vitquant.quantize(tiny_vit, QuantConfig.preset("w4a4", method="minmax+qwt"),
+                          CalibrationSet(calib_images, "r", []), progress=False)
+    out = vitquant.save(q, tmp_path / "q")
+    sd = load_file(str(out / WEIGHTS))
+    sd.pop("qwt/blocks.1/weight")
+    save_file(sd, str(out / WEIGHTS))  # re-signed, as a buggy writer would: the content check must catch it
+    meta = json.loads((out / META).read_text())
+    meta["integrity"]["model.safetensors_sha256"] = sha256_file(out / WEIGHTS)
+    meta["integrity"]["meta_sha256"] = meta_digest(meta)
+    (out / META).write_text(json.dumps(meta))
+    with pytest.raises(VitquantError, match="QwT compensation of 'blocks.1' is missing"):
+        vitquant.load(out, model=tiny_vit)

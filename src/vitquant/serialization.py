@@ -5,6 +5,8 @@ every output directory vitquant writes follows.
   JSON holds the config, how to rebuild the float architecture, every quantizer's type, bits, scales and
   zero points, SHA-256 checksums of both, and where the float checkpoint was (path + content hash, so a
   moved or changed checkpoint is recognised). A human-readable `report.md` is written beside them.
+  A `<method>+qwt` model also carries its per-unit compensation: float32 tensors `qwt/<unit>/weight|bias`
+  and a signed "qwt" entry (units, each unit's input position in its call, the fit's record).
 - load: needs no calibration data and reproduces the outputs exactly; a damaged or edited directory is
   refused with a VitquantError naming the file and the fix (checksums first, then every field and tensor
   is checked against the rebuilt model, then one forward pass).
@@ -35,7 +37,8 @@ FORMAT = "vitquant-quantized/2"
 LEGACY_FORMAT = "vitquant-quantized/1"  # no checksums: readable, but damage cannot be detected
 WEIGHTS, META, REPORT, MARKER = "model.safetensors", "quant_config.json", "report.md", ".vitquant-output"
 _LEGACY_FILES = {WEIGHTS, META, "calibration_images.png"}  # what a /1 directory held: safe to replace
-_SIGNED = ("format", "config", "source", "quantizers", "float_weights")  # what decides the outputs
+_SIGNED = ("format", "config", "source", "quantizers", "float_weights", "qwt")  # what decides the outputs
+QWT_PREFIX = "qwt/"  # tensors of a QwT compensation (methods/qwt.py): qwt/<unit>/weight, qwt/<unit>/bias
 
 
 # -- output directories ---------------------------------------------------------------------------
@@ -231,6 +234,7 @@ def save(qmodel, out: str | Path, force: bool = False, extra: dict[str, Any] | N
     `force` replaces only an output vitquant wrote (see check_output_dir)."""
     from safetensors.torch import save_file
 
+    from vitquant.methods.qwt import compensation_of
     from vitquant.report.output import render_output_report
 
     if getattr(qmodel, "config", None) is None:
@@ -241,10 +245,14 @@ def save(qmodel, out: str | Path, force: bool = False, extra: dict[str, Any] | N
     for name, layer in qmodel.weight_layers().items():
         if layer.weight_enabled:  # a weight the plan keeps float is saved as it is
             state[f"{name}.weight"] = _weight_codes(layer).cpu().contiguous()
+    comp = compensation_of(qmodel)
+    if comp is not None:
+        state.update(comp.tensors())
     extra = {k: v for k, v in (extra or {}).items() if k not in (*_SIGNED, "integrity")}
     meta = {"format": FORMAT, "config": qmodel.config.to_dict(), "structure": qmodel.structure.summary(),
             "source": qmodel.source, "quantizers": qmodel.quantizer_specs(), "stats": qmodel.stats,
-            "float_weights": _float_weights(qmodel.source), **extra}
+            "float_weights": _float_weights(qmodel.source), **({"qwt": comp.meta()} if comp is not None else {}),
+            **extra}
     meta = json.loads(strict_json_dumps(meta, f"the quantization record of '{out}'"))  # what load will see
     float_bytes = sum(p.numel() * 4 for p in qmodel.model.parameters())
     with atomic_dir(out, force) as tmp:
@@ -387,6 +395,38 @@ def _restore_weights(path: Path, qmodel, specs: dict[str, Any], state: dict[str,
             layer.weight_frozen = True
 
 
+def _restore_compensation(path: Path, qmodel, meta: dict[str, Any], config: QuantConfig,
+                          state: dict[str, torch.Tensor]) -> None:
+    """Take the QwT tensors out of `state` and install them as recorded (methods/qwt.py)."""
+    from vitquant.methods.qwt import QwTCompensation
+
+    tensors = {k: state.pop(k) for k in [k for k in state if k.startswith(QWT_PREFIX)]}
+    record = meta.get("qwt")
+    if record is None and not tensors and not config.method.endswith("+qwt"):
+        return
+    if not config.method.endswith("+qwt") or not isinstance(record, dict):
+        raise _damaged(path, f"method {config.method!r} and its QwT compensation record do not go together")
+    units, leaves = record.get("units"), record.get("input_leaves")
+    names = {u.name for u in qmodel.structure.units}
+    if not isinstance(units, list) or not isinstance(leaves, list) or len(units) != len(leaves) or not all(
+            isinstance(u, str) and u in names for u in units) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in leaves):
+        raise _damaged(path, "its QwT record does not name units of this model")
+    comp = QwTCompensation()
+    for unit, leaf in zip(units, leaves):
+        w, b = tensors.pop(f"{QWT_PREFIX}{unit}/weight", None), tensors.pop(f"{QWT_PREFIX}{unit}/bias", None)
+        if w is None or b is None or w.dim() != 2 or w.shape[0] != w.shape[1] or b.shape != w.shape[1:] \
+                or w.dtype != torch.float32 or b.dtype != torch.float32:
+            raise _damaged(path, f"the QwT compensation of {unit!r} is missing or not a float32 [C, C] and [C] pair")
+        comp.add(unit, leaf, w, b)
+    if tensors:
+        raise _damaged(path, f"it holds QwT tensors of no recorded unit ({sorted(tensors)[:3]})")
+    comp.record = record.get("record") if isinstance(record.get("record"), dict) else {}
+    comp.ridge, comp.seconds = record.get("ridge"), record.get("seconds")
+    comp.stand_ins = list(record.get("deployable_stand_ins") or [])
+    comp.install(qmodel)
+
+
 def load(path: str | Path, model: nn.Module | None = None):
     """Load a saved quantized model, on the CPU (`.to(device)` moves all of it) or, given `model` (the float
     architecture, when the saved one cannot be rebuilt from its recorded source: a custom nn.Module), on
@@ -418,8 +458,11 @@ def load(path: str | Path, model: nn.Module | None = None):
         if not isinstance(enabled, bool) or (enabled and site.quantizer is None):
             raise _damaged(path / META, f"site {name!r} has no valid 'enabled' flag and quantizer")
         site.enabled = enabled
-    _restore_weights(path, qmodel, specs, _read_state(path))
+    state = _read_state(path)
+    _restore_compensation(path, qmodel, meta, config, state)
+    _restore_weights(path, qmodel, specs, state)
     place_quantizers(qmodel)
+    qmodel.to(model_device(qmodel.model))  # a compensation's tensors where the model is
     qmodel.config = config
     qmodel.stats = meta["stats"] if isinstance(meta.get("stats"), dict) else {}
     qmodel.eval()
