@@ -164,13 +164,23 @@ def export(
     if quantized:
         chosen, float_bias = choose_scheme(cpu, _weight_bits(model), scheme), bias == "float"
         walker = ViTGraph(_inner(model), quantized=True, scheme=chosen, non_uniform=non_uniform, probes=probes,
-                          float_bias=float_bias)
+                          float_bias=float_bias, compensation=_compensation(model))
         graph = walker.build(PRODUCER, _metadata(model, chosen))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         onnx.save(graph, str(path))
     return ExportReport(None if path is None else str(path), quantized, chosen, cpu.summary(), check,
                         walker.sites, walker.gemms, "float" if float_bias else "int32", graph)
+
+
+def _compensation(qmodel: QuantizedModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A `<method>+qwt` model's per-block (W, b) (methods/qwt.py), exported as float MatMul + Add."""
+    from vitquant.methods.qwt import compensation_of
+
+    comp = compensation_of(qmodel)
+    if comp is None:
+        return {}
+    return {u: (comp.term(u).weight, comp.term(u).bias) for u in comp.units}
 
 
 def _weight_bits(qmodel: QuantizedModel) -> int:

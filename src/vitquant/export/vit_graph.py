@@ -11,7 +11,9 @@ around every op eat the int8 gain):
   reshape/transposes (quantization commutes with them), which then move uint8 instead of float;
 - the 1/√d attention scale is folded into q's dequantization scale (one multiply fewer per score);
 - LayerNorm, GELU and softmax are the standard ONNX ops ORT fuses (LayerNorm reparameterization is
-  already folded into the weights by the method, so nothing of it is left to export).
+  already folded into the weights by the method, so nothing of it is left to export);
+- a QwT compensation (`<method>+qwt`, methods/qwt.py) is a float `MatMul(block input, W) + b` added to the
+  block's output, as the simulation's hook computes it.
 Anything the walker does not know raises a VitquantError naming the layer.
 """
 from __future__ import annotations
@@ -68,8 +70,10 @@ class ViTGraph:
     """
 
     def __init__(self, model: nn.Module, quantized: bool, scheme: Scheme | None = None,
-                 non_uniform: str = "uniform8", probes: bool = False, float_bias: bool = False) -> None:
+                 non_uniform: str = "uniform8", probes: bool = False, float_bias: bool = False,
+                 compensation: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.float_bias = float_bias  # see onnx_qdq.export(bias=...)
+        self.compensation = dict(compensation or {})  # block name → QwT (W [C, C], b [C])
         self.m, self.quantized, self.scheme, self.rule, self.probes = model, quantized, scheme, non_uniform, probes
         self.g = GraphBuilder("vitquant_vit")
         self.sites: list[SiteExport] = []
@@ -355,6 +359,16 @@ class ViTGraph:
         x = self.g.op("Add", [x, self.layer_scale(h, blk.ls2, f"{p}.ls2")], f"{p}.res2")
         return self.site(x, residual[1], f"{p}.mlp_residual")
 
+    def compensate(self, x_in: str, y: str, p: str) -> str:
+        """y + x_in·W + b for a block with a QwT compensation (float, as the simulation computes it)."""
+        if p not in self.compensation:
+            return y
+        w, b = self.compensation.pop(p)
+        g = self.g
+        t = g.op("MatMul", [x_in, g.initializer(_np(w).astype(np.float32), f"{p}.qwt.weight")], f"{p}.qwt.matmul")
+        t = g.op("Add", [t, g.initializer(_np(b).astype(np.float32), f"{p}.qwt.bias")], f"{p}.qwt.bias_add")
+        return g.op("Add", [y, t], f"{p}.qwt")
+
     def head(self, x: str) -> str:
         m, g = self.m, self.g
         if getattr(m, "attn_pool", None) is not None:
@@ -391,7 +405,10 @@ class ViTGraph:
         x = self.tokens(self.patch_embed(x))
         x = self.norm(x, getattr(m, "norm_pre", None), "norm_pre")
         for i, blk in enumerate(m.blocks):
-            x = self.block(x, blk, f"blocks.{i}")
+            x = self.compensate(x, self.block(x, blk, f"blocks.{i}"), f"blocks.{i}")
+        if self.compensation:
+            raise VitquantError(f"ONNX export: the QwT compensation of {sorted(self.compensation)} is not on a block "
+                                "the exporter walks")
         x = self.head(self.norm(x, m.norm, "norm"))
         g.add_output(x, "logits")
         g.outputs.insert(0, g.outputs.pop())  # logits first, then any probes
