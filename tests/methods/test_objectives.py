@@ -73,16 +73,18 @@ def test_rest_gradients_equal_autograd_through_the_rest_of_the_model():
     job = _job(model, x)
     fp = job.float_logits()
     o = job.f_out + 0.1 * torch.randn_like(job.f_out)
-    seen = torch.zeros(len(x), dtype=torch.bool)
-    for rows, leaf, grad in rest_gradients(model, "unit", x, fp, 4, lambda r: o[r]):
+    batches = []
+    for out, leaf, grad in rest_gradients(model, "unit", x, fp, 4, lambda a, k, out, b: o[4 * b:4 * b + len(out)]):
+        rows = slice(4 * len(batches), 4 * len(batches) + len(out))
+        assert torch.equal(out, job.f_out[rows])  # the float output the replacement took the place of
         ref = o[rows].clone().requires_grad_(True)
         (expected,) = torch.autograd.grad(kl_to_float(model.rest(ref), fp[rows]), ref)
         assert torch.allclose(grad, expected, atol=1e-7)
         assert torch.equal(leaf, o[rows])
-        seen[rows] = True
-    assert seen.all()  # every image, in batches of 4 (4 + 2)
+        batches.append(len(out))
+    assert batches == [4, 2]  # every image, in batches of 4
     # at the float output itself the KL is at its minimum: no gradient
-    for _rows, _leaf, grad in rest_gradients(model, "unit", x, fp, 8, lambda r: job.f_out[r]):
+    for _out, _leaf, grad in rest_gradients(model, "unit", x, fp, 8, lambda a, k, out, b: out):
         assert grad.abs().max() < 1e-6
 
 
@@ -99,7 +101,7 @@ def test_aph_map_is_the_mean_hessian_vector_product_and_the_ones_direction_is_bl
     job = _job(model, x)
     aph = APHObjective()
     h = aph.hessian_map(job)  # un-normalised map
-    v = torch.cat([aph.direction(job, slice(s, s + 4)) for s in range(0, 16, 4)])
+    v = torch.cat([aph.direction(job, job.f_out[s:s + 4], s // 4) for s in range(0, 16, 4)])
     exact = _exact_hessian_abs(model, job.f_out, job.float_logits(), v).mean(0)
     assert torch.nn.functional.cosine_similarity(h.flatten(), exact.flatten(), 0) > 0.999
     assert float(h.sum() / exact.sum()) == pytest.approx(1.0, rel=1e-2)
@@ -141,7 +143,8 @@ def test_fisher_dplr_probe_and_loss_by_hand():
     with torch.no_grad():
         o_hat = quantized(x)
     # the probe: mean |∂KL/∂Ô| and mean |Ô − O| over the images
-    grads = torch.cat([g for _r, _l, g in rest_gradients(model, "unit", x, job.float_logits(), 4, lambda r: o_hat[r])])
+    grads = torch.cat([g for _o, _l, g in rest_gradients(model, "unit", x, job.float_logits(), 4,
+                                                          lambda a, k, out, b: quantized(*a))])
     assert torch.allclose(f.g[0], grads.abs().flatten(1).mean(0), atol=1e-9)
     d = (o_hat - job.f_out).abs().flatten(1).mean(0)
     assert torch.allclose(f.d[0], d, atol=1e-7)

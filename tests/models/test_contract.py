@@ -23,7 +23,8 @@ NAMES = [f.name for f in FAMILIES]
 # cheap options: the contract is "runs or refuses", quality is tested per method elsewhere
 CHEAP = {"ptq4vit": {"candidates": 5, "rounds": 1}, "adalog": {"candidates": 8, "rounds": 1},
          "noisyquant": {"clip_steps": 10}, "ias-vit": {"iters": 2, "batch_size": 4},
-         "erq": {"max_flips": 2}}
+         "erq": {"max_flips": 2}, "aphq-vit": {"iters": 1, "batch_size": 4},
+         "fima-q": {"iters": 2, "batch_size": 4, "rank": 2}}  # 2: a refresh
 _CACHE: dict[str, tuple] = {}
 # The refusals we know and accept, with what the one-line reason must say; any other refusal fails, and so does
 # a listed one that stops happening (update the list). FQ-ViT's attention-score site needs the attention to

@@ -60,9 +60,9 @@ from vitquant.quantizers import RangeRule, UniformQuantizer
 SCHEDULES = {"reference": (200, 32), "cpu": (100, 8), "paper": (20000, 32)}
 
 
-def probe_generator(seed: int, unit: str, first_row: int) -> torch.Generator:
-    """The same random probe on every rank for the same rows (Python's str hash is salted per process)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(unit.encode()) * 8191 + first_row) % 2**63)
+def probe_generator(seed: int, unit: str, batch: int) -> torch.Generator:
+    """The same random probe on every rank for the same batch (Python's str hash is salted per process)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(unit.encode()) * 8191 + batch) % 2**63)
 
 
 class APHObjective(Objective):
@@ -74,12 +74,12 @@ class APHObjective(Objective):
                  temperature: float = TEMPERATURE) -> None:
         self.probe, self.rel_eps, self.temperature = probe, rel_eps, temperature
 
-    def direction(self, job: UnitJob, rows: slice) -> torch.Tensor:
-        shape = job.f_out[rows].shape
+    def direction(self, job: UnitJob, like: torch.Tensor, batch: int) -> torch.Tensor:
+        """v for one batch's unit output: random signs, the same on every rank and in both passes."""
         if self.probe == "ones":
-            return torch.ones(shape, device=job.f_out.device)
-        gen = probe_generator(job.seed, job.name, rows.start)
-        return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(job.f_out.device, job.f_out.dtype)
+            return torch.ones_like(like)
+        gen = probe_generator(job.seed, job.name, batch)
+        return (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(like.device, like.dtype)
 
     @torch.no_grad()
     def hessian_map(self, job: UnitJob) -> torch.Tensor:
@@ -90,9 +90,9 @@ class APHObjective(Objective):
 
         def passes(sign: float):
             return rest_gradients(job.teacher, job.name, job.images, fp, job.batch_size,
-                                  lambda r: f_out[r] + sign * eps * self.direction(job, r), self.temperature)
+                                  lambda _a, _k, o, b: o + sign * eps * self.direction(job, o, b), self.temperature)
 
-        for (rows, _o, g_plus), (_r, _o2, g_minus) in zip(passes(1.0), passes(-1.0)):
+        for (_o, _p, g_plus), (_o2, _m, g_minus) in zip(passes(1.0), passes(-1.0)):
             total += ((g_plus - g_minus).abs() / (2 * eps)).sum(0).double()
         total = distributed.all_reduce(total.cpu()).to(f_out.device)
         return (total / len(f_out)).float()

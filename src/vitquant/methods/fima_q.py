@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 
 from vitquant import distributed
-from vitquant.calibration.engine import run_unit
+from vitquant.calibration.engine import first_tensor
 from vitquant.methods.aphq_vit import APHQViT, RecipeOptions
 from vitquant.methods.objectives import TEMPERATURE, Objective, UnitJob, rest_gradients
 
@@ -64,19 +64,17 @@ class FisherDPLRObjective(Objective):
     def probe(self) -> None:
         job = self.job
         fp = job.float_logits()
-        outs: dict[int, torch.Tensor] = {}
-
-        def quantized(rows: slice) -> torch.Tensor:
-            outs[rows.start] = run_unit(job.unit, job.f_in, rows).detach()
-            return outs[rows.start]
-
-        n = len(job.f_out)
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (Ô, O) of this rank's batches
         g_sum = torch.zeros(job.f_out[0].numel(), dtype=torch.float64, device=job.f_out.device)
         d_sum = torch.zeros_like(g_sum)
-        for rows, o_hat, grad in rest_gradients(job.teacher, job.name, job.images, fp, job.batch_size, quantized,
-                                                self.temperature):
+        # the unit as it is now, on the float model's own call (every other unit float)
+        quantized = lambda args, kwargs, _o, _b: first_tensor(job.unit(*args, **kwargs))  # noqa: E731
+        for o, o_hat, grad in rest_gradients(job.teacher, job.name, job.images, fp, job.batch_size, quantized,
+                                             self.temperature):
             g_sum += grad.abs().flatten(1).sum(0).double()
-            d_sum += (o_hat - job.f_out[rows]).abs().flatten(1).sum(0).double()
+            d_sum += (o_hat - o).abs().flatten(1).sum(0).double()
+            pairs.append((o_hat, o))
+        n = len(job.f_out)
         g_sum = distributed.all_reduce(g_sum.cpu()).to(job.f_out.device)
         d_sum = distributed.all_reduce(d_sum.cpu()).to(job.f_out.device)
         self.g.append((g_sum / n).float())
@@ -89,8 +87,8 @@ class FisherDPLRObjective(Objective):
         # the normalisers: both parts over every image at this probe (this rank's rows, then summed)
         lr0 = torch.zeros((), dtype=torch.float64)
         diag0 = torch.zeros((), dtype=torch.float64)
-        for start, o_hat in outs.items():
-            lr, diag = self._parts(o_hat, job.f_out[start:start + len(o_hat)])
+        for o_hat, o in pairs:
+            lr, diag = self._parts(o_hat, o)
             lr0 += lr.sum().double().cpu()
             diag0 += diag.sum().double().cpu()
         totals = distributed.all_reduce(torch.stack([lr0, diag0]))

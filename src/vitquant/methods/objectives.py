@@ -129,23 +129,33 @@ def _replace_first(out, new: torch.Tensor):
 
 
 def rest_gradients(teacher: nn.Module, unit_name: str, images: torch.Tensor, fp_logits: torch.Tensor,
-                   batch_size: int, replacement: Callable[[slice], torch.Tensor],
-                   temperature: float = TEMPERATURE) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """For this rank's share of the batches: (rows, O, ∂L/∂O) where O = replacement(rows) is put in place
-    of the unit's output in the float model and L = kl_to_float(the model's logits)."""
+                   batch_size: int, replacement: Callable[[tuple, dict, torch.Tensor, int], torch.Tensor],
+                   temperature: float = TEMPERATURE) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For this rank's share of the image batches: (O, Ô, ∂L/∂Ô), where O is the unit's float output in
+    that batch's forward, Ô = replacement(args, kwargs, O, batch index) is put in its place (`args`,
+    `kwargs`: the unit's call) and L = kl_to_float(the model's logits). O's first axis is the unit's own
+    (images, or e.g. TNT's images × patches), so replacements are built from the call, not indexed."""
     unit = teacher.submodule(unit_name) if hasattr(teacher, "submodule") else teacher.get_submodule(unit_name)
     n = len(images)
     for b in distributed.shard(-(-n // batch_size)):
         rows = slice(b * batch_size, min(n, (b + 1) * batch_size))
-        leaf = replacement(rows).detach().requires_grad_(True)
-        handle = unit.register_forward_hook(lambda _m, _a, out: _replace_first(out, leaf))
+        seen: dict[str, torch.Tensor] = {}
+
+        def swap(_m, args, kwargs, out, b=b, seen=seen):
+            o = first_tensor(out).detach()
+            with torch.no_grad():
+                seen["out"], seen["leaf"] = o, replacement(args, kwargs, o, b).detach().requires_grad_(True)
+            # a copy, not the leaf itself: the model may update the output in place (timm TNT, Twins: `x += …`)
+            return _replace_first(out, seen["leaf"].clone())
+
+        handle = unit.register_forward_hook(swap, with_kwargs=True)
         try:
             with torch.enable_grad():
                 logits = first_tensor(teacher(images[rows]))
-                (grad,) = torch.autograd.grad(kl_to_float(logits, fp_logits[rows], temperature), leaf)
+                (grad,) = torch.autograd.grad(kl_to_float(logits, fp_logits[rows], temperature), seen["leaf"])
         finally:
             handle.remove()
-        yield rows, leaf.detach(), grad
+        yield seen["out"], seen["leaf"].detach(), grad
 
 
 class FloatLogits:
