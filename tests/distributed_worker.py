@@ -55,6 +55,14 @@ def main(out: Path, folder: str) -> None:
         res = vitquant.evaluate(q, "bundled", limit=400, progress=False)
         preds = predict_logits(q, load_labeled("bundled", data_config_for(model), limit=400), progress=False)
         results["ias-vit"] = [res.top1, preds.argmax(1).tolist()]
+        # APHQ-ViT / FIMA-Q: the sensitivity passes (APH map, Fisher probes) and the objectives' metrics are
+        # split by image batch and all-reduced (64 images: 2 batches of 32), then data-parallel steps
+        for method, options in (("aphq-vit", {"iters": 6}), ("fima-q", {"iters": 6, "rank": 2})):
+            q = vitquant.quantize(model, QuantConfig(method=method, w_bits=4, a_bits=4, calib_size=CALIB,
+                                                     options=options), "bundled", progress=False)
+            preds = predict_logits(q, load_labeled("bundled", data_config_for(model), limit=400), progress=False)
+            results[method] = [vitquant.evaluate(q, "bundled", limit=400, progress=False).top1,
+                               preds.argmax(1).tolist()]
         # ERQ's ridge sums, split by statistics batch and all-reduced (64 images: 2 batches of 32)
         q = vitquant.quantize(model, QuantConfig(method="erq", w_bits=4, a_bits=4, calib_size=CALIB), "bundled",
                               progress=False)

@@ -100,12 +100,12 @@ def test_evaluation_counts_are_exactly_the_single_process_ones(runs):
     assert any("skipped 1 unreadable" in w for w in single["folder"][4])
 
 
-@pytest.mark.parametrize("method", ["ias-vit", "erq"])
+@pytest.mark.parametrize("method", ["ias-vit", "erq", "aphq-vit", "fima-q"])
 def test_data_parallel_sums_match_one_process_within_tolerance(runs, method):
     """ias-vit's block reconstruction (each step's batch split between the ranks, gradients summed) and ERQ's
-    ridge statistics (each rank sums its batches, sums all-reduced): the same sums added in another order
-    (and the ranks' own QDrop masks, unused here), so the models agree on nearly every image rather than
-    bit for bit."""
+    ridge statistics (each rank sums its batches, sums all-reduced), aphq-vit's and fima-q's sensitivity passes
+    (split by image batch, all-reduced) and their reconstruction with QDrop (each rank's own masks): the same
+    sums added in another order, so the models agree on nearly every image rather than bit for bit."""
     _, single, ranks = runs
     assert ranks[0][method] == ranks[1][method]  # every rank ends with the same model
     (top1, preds), (top1_dp, preds_dp) = single[method], ranks[0][method]

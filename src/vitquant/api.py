@@ -13,6 +13,7 @@ from vitquant.calibration.engine import Context
 from vitquant.config import QuantConfig
 from vitquant.errors import VitquantError
 from vitquant.methods import get_method
+from vitquant.methods.best import resolve as resolve_best
 from vitquant.methods.deployable import make_deployable
 from vitquant.methods.steps import apply_plan, freeze
 from vitquant.models import QuantizedModel, prepare
@@ -52,6 +53,8 @@ def quantize(
         raise VitquantError(f"config must be a QuantConfig or a bits preset like 'w4a4', not {type(config).__name__}")
     if isinstance(model, QuantizedModel):
         raise VitquantError("this model is already quantized; pass the float model")
+    asked = config.method
+    config = resolve_best(config)  # `best` becomes the recipe it runs, which the model then records
     if not allow_nonfinite:
         refuse_nonfinite(model, f"this {type(model).__name__}")
     method = get_method(config.method)()
@@ -86,6 +89,7 @@ def quantize(
         "calibration_peak_rss_mb": round(m.peak_rss_mb, 1),
         "calibration_images": int(calib.images.shape[0]),
         "calibration_source": calib.source,
+        **({"recipe": f"{asked} → {config.method}"} if asked != config.method else {}),
         **generation_stats,
         **({"deployable_stand_ins": stand_ins} if config.deployable else {}),
         **({"float_sites": plan.float_sites} if plan.float_sites else {}),

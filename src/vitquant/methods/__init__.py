@@ -58,8 +58,10 @@ from vitquant.methods.ptq4vit import PTQ4ViT  # noqa: E402
 from vitquant.methods.noisyquant import NoisyQuant  # noqa: E402
 from vitquant.methods.aphq_vit import APHQViT  # noqa: E402
 from vitquant.methods.fima_q import FIMAQ  # noqa: E402
+from vitquant.methods.best import Best  # noqa: E402
 
-for _m in (MinMax, Percentile, RepQViT, IaSViT, AdaLog, DopQViT, ERQ, FQViT, PTQ4ViT, NoisyQuant, APHQViT, FIMAQ):
+for _m in (MinMax, Percentile, RepQViT, IaSViT, AdaLog, DopQViT, ERQ, FQViT, PTQ4ViT, NoisyQuant, APHQViT, FIMAQ,
+           Best):
     register_method(_m)
 
 __all__ = ["Method", "available_methods", "get_method", "register_method"]
