@@ -159,7 +159,7 @@ def test_quantize_with_qwt_records_the_fit_and_counts_its_bytes(tiny_vit_factory
 @pytest.mark.parametrize("bits, least_gain_db", [("w4a4", -0.5), ("w3a3", 2.0)])
 def test_qwt_against_repq_vit_alone_by_logit_sqnr_on_the_bundled_model(sqnr, bits, least_gain_db):
     """Logit SQNR vs the float model, repq-vit → repq-vit+qwt, seed 0, 32 images, these 300 test images
-    (/work/logs/qwt_sqnr.log): W4A4 20.59 → 20.37 dB, W3A3 11.52 → 14.05 dB. The 6-block model is at float
+    (benchmarks/results/qwt/qwt_sqnr.log): W4A4 20.59 → 20.37 dB, W3A3 11.52 → 14.05 dB. The 6-block model is at float
     top-1 at W4A4 and QwT does not raise its SQNR there (on all 1000 images, seeds 0/1: −0.6 / −0.2 dB), so
     W4A4 only bounds the loss. Both bounds fail without the ridge (the official form: 19.91 / 12.73 dB) and
     with the compensation's sign flipped (19.33 / 8.22 dB)."""

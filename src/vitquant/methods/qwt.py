@@ -25,9 +25,9 @@ Deviations from the official code:
   whose block-output error it makes 1.1-1.7× *larger* (ratio ‖R − XW − b‖² / ‖R‖²: 0.92 1.55 1.65 1.66 1.54
   1.15 for blocks 0-5); λ = 0.1 gives 0.88 0.96 0.96 0.99 0.92 0.68 (held-out R² 0.03 mean). With 512 images
   the plain fit is fine (0.83 0.90 0.86 0.82 0.81 0.59) and λ = 0.1 costs ≤ 0.02 of each ratio
-  (/work/logs/qwt_ridge.log; repq-vit W4A4 seed 0; the stress variant gives the same to ±0.04). Top-1
+  (benchmarks/results/qwt/qwt_ridge.log; repq-vit W4A4 seed 0; the stress variant gives the same to ±0.04). Top-1
   (W3A3, 32 images, seeds 0/1/2, natural | stress): λ = 0: 95.3 95.5 95.0 | 95.0 95.4 95.0; λ = 1e-3: 95.5
-  95.4 95.2 | 95.5 95.3 95.3; λ = 0.1: 96.0 95.8 95.9 | 96.0 96.0 95.9 (/work/logs/qwt_ridge_w3a3.log).
+  95.4 95.2 | 95.5 95.3 95.3; λ = 0.1: 96.0 95.8 95.9 | 96.0 96.0 95.9 (benchmarks/results/qwt/qwt_ridge_w3a3.log).
   Recommendation: the default is fine at 32 images; more images (128-512, `calib_size`) make the fit
   generalise better (held-out R² 0.03 → 0.11 → 0.13 for 32 → 128 → 512) at a cost about linear in the
   images (QwT step 0.4 → 1.3-2.7 → 5.5-13.6 s on the loaded 2-core machine).
@@ -42,7 +42,7 @@ Deviations from the official code:
   the compensation's record (quantize()'s own make_deployable then finds nothing left to replace).
 - The compensation runs in float32 (the official code runs it in FP16 at inference).
 
-Measured (benchmarks/qwt.py table → /work/logs/qwt_table.log; 2 CPU cores shared with two other
+Measured (benchmarks/qwt.py table → benchmarks/results/qwt/qwt_table.log; 2 CPU cores shared with two other
 developers' jobs, load average ≈ 4): top-1 on the 1000 MNIST-5k test images, calibration 32 images, seeds
 0/1/2, float 96.0 (both variants):
                         repq-vit            repq-vit+qwt
@@ -52,7 +52,7 @@ developers' jobs, load average ≈ 4): top-1 on the 1000 MNIST-5k test images, c
   stress   W3A3     94.4 93.7 93.4      96.0 96.0 95.9
 QwT step 0.32-0.50 s per run (whole calibration 0.5 → 0.9 s). W4A4 is at float accuracy already and QwT
 changes nothing measurable there; its logit SQNR vs the float model moves −0.6 … +0.4 dB (W3A3: +2.4 … +3.1
-dB; /work/logs/qwt_sqnr.log). One reason W4A4 does not gain: the fit weighs every token alike, while the
+dB; benchmarks/results/qwt/qwt_sqnr.log). One reason W4A4 does not gain: the fit weighs every token alike, while the
 head reads only the class token (1 row in 17) — a class-token-weighted fit of the last block is untried.
 """
 from __future__ import annotations
