@@ -26,7 +26,7 @@ GENERATED = ("data-free", "gaussian")
 # units of one float forward over the same images (benchmarks/results/calibration_cost.md).
 COST_HINTS = {"minmax": "<1 s", "fq-vit": "<1 s", "percentile": "2-6 s", "dopq-vit": "2-6 s", "repq-vit": "4-8 s",
               "noisyquant": "5-20 s", "erq": "5-30 s", "ptq4vit": "0.5-2 min", "ias-vit": "0.5-3.5 min",
-              "adalog": "1.5-3 min", "aphq-vit": "3-6 min", "fima-q": "3-6 min", "best": "4-9 s"}
+              "adalog": "1.5-3 min", "aphq-vit": "3-6 min", "fima-q": "3-6 min", "best": "4 s-6 min"}
 # calibration CPU time on DeiT-S 224² (32 images, 2 threads) in float forwards over the same images: the
 # latest "after" rows of benchmarks/results/calibration_cost.jsonl (a test keeps the two equal)
 DEIT_S_COST = {"minmax": "2×", "fq-vit": "3×", "percentile": "3×", "repq-vit": "3×", "dopq-vit": "6×",
@@ -194,7 +194,8 @@ def _print_quantized(args, config, s: dict, out: Path, extra: dict) -> None:
     took = f"calibrated in {s['calibration_seconds']:.1f} s"
     if "generation_seconds" in s:
         took = f"{s['calibration_images']} images generated in {s['generation_seconds']:.1f} s, {took}"
-    print(f"quantized {args.model} with {config.method} {config.bits_name} on {s['calibration_source']}: {took} "
+    method = s["recipe"].replace(" → ", " (") + ")" if "recipe" in s else config.method  # best (repq-vit+qwt)
+    print(f"quantized {args.model} with {method} {config.bits_name} on {s['calibration_source']}: {took} "
           f"-> {out}")
     for what, items in (("kept float by the plan", s.get("float_sites", [])),
                         ("left float (not understood or constant)", s.get("float_ops", []))):
