@@ -21,9 +21,9 @@ from vitquant.methods.base import Method
 # min(w_bits, a_bits) at most → the recipe (a `vitquant bench` method spec); the first row that applies wins.
 # Measured (benchmarks/results/accuracy.md, 1000 test images, one standard error ≈ 0.6-0.7 points):
 # - ≤ 3 bits, fima-q: W3A3 top-1 (3 seeds) 6-block natural 95.77 (best stored: adalog 96.23), stress 95.97
-#   (adalog, one seed: 96.5); 12-block retrained stress 95.3 at seed 0, the best there (erq 94.8, 3 seeds).
-#   repq-vit+qwt, ~1 s instead of minutes, is as good on the 6-block model (95.90 / 95.97) but not on the
-#   12-block stress model (94.40, more than one standard error below fima-q's 95.3), so it is not the pick.
+#   (adalog, one seed: 96.5); 12-block retrained stress 94.93 (95.3 / 95.2 / 94.3), the best there with 3
+#   seeds (erq 94.80, repq-vit+qwt 94.40; aphq-vit 95.0 at seed 0 only). repq-vit+qwt (~1 s instead of
+#   minutes) is within one standard error everywhere too and is the cheap alternative.
 # - 4-8 bits, repq-vit: at W4A4 every strong method is at float accuracy on these models (6-block 96.2 /
 #   96.3, 12-block retrained stress 95.7 vs erq:sequential=false 95.9), and QwT adds nothing measurable there
 #   (12-block retrained stress 95.4 with it).
