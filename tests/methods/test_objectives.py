@@ -30,6 +30,15 @@ class Toy(nn.Module):
         return self.rest(self.unit(x))
 
 
+def _perturbed(unit: nn.Linear) -> nn.Linear:
+    """A stand-in for the quantized unit: the float one with its weights perturbed."""
+    out = nn.Linear(unit.in_features, unit.out_features)
+    with torch.no_grad():
+        out.weight.copy_(unit.weight + 0.05 * torch.randn_like(unit.weight))
+        out.bias.copy_(unit.bias)
+    return out
+
+
 def _job(model: Toy, x: torch.Tensor, unit: nn.Module | None = None, iters: int = 10) -> UnitJob:
     with torch.no_grad():
         f_out = model.unit(x)
@@ -112,10 +121,7 @@ def test_aph_map_is_the_mean_hessian_vector_product_and_the_ones_direction_is_bl
 
 def test_aph_loss_weights_elements_by_the_map_and_starts_at_two():
     model, x = Toy(), torch.randn(8, 3, 6)
-    quantized = nn.Linear(6, 6)
-    with torch.no_grad():
-        quantized.weight.copy_(model.unit.weight + 0.05 * torch.randn(6, 6))
-        quantized.bias.copy_(model.unit.bias)
+    quantized = _perturbed(model.unit)
     job = _job(model, x, quantized)
     aph = APHObjective()
     aph.begin(job)
@@ -132,10 +138,7 @@ def test_aph_loss_weights_elements_by_the_map_and_starts_at_two():
 
 def test_fisher_dplr_probe_and_loss_by_hand():
     model, x = Toy(), torch.randn(8, 3, 6)
-    quantized = nn.Linear(6, 6)
-    with torch.no_grad():
-        quantized.weight.copy_(model.unit.weight + 0.05 * torch.randn(6, 6))
-        quantized.bias.copy_(model.unit.bias)
+    quantized = _perturbed(model.unit)
     job = _job(model, x, quantized, iters=10)
     f = FisherDPLRObjective(rank=5)
     f.begin(job)
